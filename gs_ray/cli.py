@@ -1,0 +1,99 @@
+"""The `gs-ray` command line.
+
+    gs-ray run     [--config PRESET|FILE] [--run-dir DIR] [section.field=value ...]
+    gs-ray data    ...   # read, validate, tokenize and split the data
+    gs-ray warmup  ...   # Stage I: the warm-up LoRA (runs `data` first if it is stale)
+    gs-ray config  ...   # print the resolved config with every field's documentation
+
+Every stage subcommand brings its prerequisites up to date and skips what is current.
+Problems the user can fix (config, data, models) print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from gs_ray.config import Config, describe, load_config, preset_names
+from gs_ray.errors import GsRayError
+from gs_ray.pipeline import STAGES, RunDir, run_stages
+
+EXIT_USER_ERROR = 2
+STAGE_HELP = {
+    "data": "read, validate, tokenize and split the data",
+    "warmup": "Stage I: train the warm-up LoRA",
+}
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"preset name ({', '.join(preset_names())}) or YAML file; default: built-in defaults",
+    )
+    parser.add_argument("--run-dir", default=None, help="run directory (overrides run.run_dir)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. train.num_workers=2"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gs-ray", description="GradientSpace instruction tuning on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run every stage")
+    _add_config_arguments(run)
+    for name in STAGES:
+        stage = commands.add_parser(name, help=STAGE_HELP[name])
+        _add_config_arguments(stage)
+        stage.add_argument("--force", action="store_true", help="rebuild this stage even if it is up to date")
+    show = commands.add_parser("config", help="print the resolved config with field documentation")
+    _add_config_arguments(show)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.run_dir={args.run_dir}")
+    return load_config(args.config, overrides)
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, logging_level=logging.WARNING)
+
+
+def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
+    run = RunDir(cfg.run.run_dir)
+    print("\n== gs-ray summary ==")
+    for name, manifest in manifests.items():
+        print(f"  {name:<8} {STAGES[name].describe(manifest['summary'])}  [{manifest['seconds']:.0f} s]")
+    print(f"  run dir  {run.root}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve_config(args)
+        if args.command == "config":
+            print(describe(cfg), end="")
+            return 0
+        _init_ray(cfg)
+        last = list(STAGES)[-1] if args.command == "run" else args.command
+        manifests = run_stages(cfg, last, force=getattr(args, "force", False))
+        print_summary(cfg, manifests)
+        return 0
+    except GsRayError as exc:
+        print(f"gs-ray: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Stage order, the run directory, manifests and resume.
+
+A run directory holds one folder per finished stage, each with a `manifest.json` that
+records what the stage was computed from (the config sections it reads, the seed, the
+digests of upstream stages or of the input files), the package versions, and the size
+and SHA-256 of every file it wrote. A stage is built in a hidden staging folder and
+renamed into place only once complete, so a stage folder either is whole or does not
+exist. Re-running skips every stage whose manifest still matches and whose files still
+verify; anything else (changed config, changed input, a truncated file) is rebuilt, and
+stages downstream of it follow because their manifests name its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gs_ray.config import Config
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+RAY_TRAIN_DIRNAME = "ray_train"
+"""Ray Train storage inside the run dir: checkpoints outlive a killed driver."""
+VERSIONED_PACKAGES = ("gs_ray", "ray", "torch", "transformers", "peft", "deepspeed", "pyarrow")
+HASH_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: what it depends on and the function that builds it."""
+
+    name: str
+    sections: tuple[str, ...]
+    """Config sections whose change makes the stage stale."""
+    upstream: tuple[str, ...]
+    """Stages whose outputs it reads."""
+    build: Callable[[Config, "RunDir", Path], dict[str, Any]]
+    """(config, run dir, staging folder) -> summary; writes outputs into the staging folder."""
+    describe: Callable[[dict[str, Any]], str]
+    """Summary -> the one-line report printed when the stage finishes."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under folder (except the manifest), by relative path."""
+    return {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+class RunDir:
+    """The run directory: stage folders, their manifests, and Ray Train storage."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    @property
+    def ray_train_storage(self) -> str:
+        return str(self.root / RAY_TRAIN_DIRNAME)
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            logger.warning("%s is corrupt; the stage will be rebuilt", path)
+            return None
+
+    def expected_inputs(self, cfg: Config, stage: Stage) -> dict[str, Any]:
+        """What a manifest must record for the stage to count as up to date."""
+        inputs: dict[str, Any] = {"config": cfg.digest(list(stage.sections)), "seed": cfg.run.seed}
+        for name in stage.upstream:
+            upstream = self.manifest(name)
+            inputs[name] = upstream["digest"] if upstream else None
+        if stage.name == "data":
+            from gs_ray.data import input_fingerprint
+
+            inputs["files"] = input_fingerprint(cfg.data)
+        return inputs
+
+    def is_current(self, cfg: Config, stage: Stage) -> bool:
+        manifest = self.manifest(stage.name)
+        if manifest is None or manifest.get("inputs") != self.expected_inputs(cfg, stage):
+            return False
+        actual = file_table(self.stage_dir(stage.name))
+        if actual != manifest.get("files"):
+            logger.warning("[%s] files differ from the manifest (truncated or edited); rebuilding", stage.name)
+            return False
+        return True
+
+    def build(self, cfg: Config, stage: Stage) -> dict[str, Any]:
+        """Build a stage in a staging folder, write its manifest, and swap it into place."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".{stage.name}.staging"
+        if staging.exists():
+            shutil.rmtree(staging)  # left by a killed run; never read
+        staging.mkdir()
+        inputs = self.expected_inputs(cfg, stage)
+        started = time.time()
+        summary = stage.build(cfg, self, staging)
+        files = file_table(staging)
+        manifest = {
+            "stage": stage.name,
+            "inputs": inputs,
+            "files": files,
+            "digest": hashlib.sha256(json.dumps([inputs, files], sort_keys=True).encode()).hexdigest()[:16],
+            "versions": versions(),
+            "started_at": started,
+            "seconds": round(time.time() - started, 1),
+            "summary": summary,
+        }
+        _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        final = self.stage_dir(stage.name)
+        if final.exists():
+            retired = self.root / f".{stage.name}.retired"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+            shutil.rmtree(retired)
+        os.replace(staging, final)
+        return manifest
+
+    def save_config(self, cfg: Config) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.root / "config.yaml", cfg.to_yaml())
+
+
+def _build_data(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
+    from gs_ray.data import prepare_data
+
+    return prepare_data(cfg, str(staging))
+
+
+def _describe_data(summary: dict[str, Any]) -> str:
+    splits = ", ".join(f"{name} {count}" for name, count in summary["rows"].items())
+    skipped = summary.get("bad_rows", {}).get("count", 0)
+    return f"samples: {splits}" + (f"; {skipped} bad rows skipped" if skipped else "")
+
+
+def _build_warmup(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
+    from gs_ray.train import TrainJob, run_training
+
+    data_dir = run.stage_dir("data")
+    job = TrainJob(
+        # The digest in the name keeps a changed config from resuming an old run's checkpoints.
+        name=f"warmup-{cfg.digest(list(WARMUP.sections))}-{run.manifest('data')['digest']}",
+        train_split=str(data_dir / "warmup"),
+        eval_split=str(data_dir / "eval"),
+        output_dir=str(staging),
+        storage_path=run.ray_train_storage,
+        max_steps=cfg.warmup.max_steps,
+        learning_rate=cfg.warmup.learning_rate,
+        seed=cfg.run.seed,
+    )
+    outcome = run_training(cfg, job)
+    keys = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "resumed_from_step")
+    return {key: outcome.metrics.get(key) for key in keys}
+
+
+def _describe_warmup(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['step']} steps on {summary['train_samples']} samples; held-out loss "
+        f"{summary['eval_loss_start']:.4f} (base) -> {summary['eval_loss_end']:.4f}"
+    )
+
+
+DATA = Stage("data", ("model", "data"), (), _build_data, _describe_data)
+WARMUP = Stage("warmup", ("model", "lora", "train", "warmup"), ("data",), _build_warmup, _describe_warmup)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP)}
+"""Every stage, in pipeline order."""
+
+
+def run_stages(cfg: Config, last: str, *, force: bool = False) -> dict[str, dict[str, Any]]:
+    """Bring every stage up to `last` up to date; return their manifests.
+
+    Requires an initialised Ray. Stages that are current are skipped unless `force`
+    (which rebuilds only `last`).
+    """
+    run = RunDir(cfg.run.run_dir)
+    run.save_config(cfg)
+    names = list(STAGES)
+    manifests = {}
+    for name in names[: names.index(last) + 1]:
+        stage = STAGES[name]
+        if run.is_current(cfg, stage) and not (force and name == last):
+            manifests[name] = run.manifest(name)
+            print(f"[{name}] up to date ({run.stage_dir(name)})", flush=True)
+            continue
+        print(f"[{name}] running ...", flush=True)
+        manifest = run.build(cfg, stage)
+        manifests[name] = manifest
+        print(f"[{name}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}", flush=True)
+    return manifests

@@ -1,0 +1,51 @@
+"""Shared fixtures: offline HF, one local Ray cluster per test session, tiny configs."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports transformers or starts Ray, so workers inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"  # a download attempt in a test is a bug
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Converted models (the SmolLM2 GGUF, the tiny model) persist between local runs.
+os.environ.setdefault("GS_RAY_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
+
+RAY_TEST_CPUS = 4
+"""Logical CPUs of the test cluster: two Train workers plus Ray Data tasks on 2 cores."""
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_start_4_cpus():
+    import ray
+
+    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Factory: the tiny preset with a run dir under tmp_path, plus overrides."""
+    from gs_ray.config import load_config
+
+    def make(*overrides: str):
+        return load_config("tiny", [f"run.run_dir={tmp_path / 'run'}", *overrides])
+
+    return make
