@@ -65,6 +65,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def _init_ray(cfg: Config) -> None:
     import ray
 
+    if ray.is_initialized():  # called in-process (a notebook, a job script, a test)
+        return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, logging_level=logging.WARNING)
 

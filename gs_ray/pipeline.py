@@ -166,7 +166,10 @@ class RunDir:
 
 def _build_data(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     from gs_ray.data import prepare_data
+    from gs_ray.models import resolve_model_path
 
+    # Convert a built-in or GGUF model once here, not in whichever tokenizer actor comes first.
+    resolve_model_path(cfg.model)
     return prepare_data(cfg, str(staging))
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gs_ray.config import Config, TrainConfig, config_from_dict
+from gs_ray.data import IGNORE_INDEX, load_split, pad_batch
 from gs_ray.errors import DataError
 
 
@@ -43,8 +44,6 @@ ADAPTER_DIRNAME = "adapter"
 """Folder inside the final checkpoint (and job.output_dir) holding the PEFT adapter."""
 CHECKPOINTS_KEPT = 2
 """Ray Train checkpoints kept on storage per run: the newest plus one fallback."""
-IGNORE_INDEX = -100
-"""Label value of tokens that carry no loss (prompt and padding)."""
 
 
 @dataclass
@@ -153,8 +152,6 @@ def heldout_loss(engine: Any, rows: list[dict], pad_id: int, batch_size: int, ra
     """Mean per-token loss over rows, sharded across ranks and summed with all-reduce."""
     import torch.distributed as dist
 
-    from gs_ray.data import pad_batch
-
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     mine = rows[rank::world]
@@ -204,7 +201,6 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     from gs_ray import models
-    from gs_ray.data import load_split, pad_batch
 
     cfg = config_from_dict(loop_config["config"])
     job = TrainJob(**loop_config["job"])
