@@ -245,10 +245,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             window.clear()
             if rank == 0:
                 seconds_per_step = (time.monotonic() - started) / (step - start_step)
-                loss = state["loss_curve"][-1][1]
-                print(f"[{job.name}] step {step}/{job.max_steps}  loss {loss:.4f}  {seconds_per_step:.2f} s/step", flush=True)
+                mean_loss = state["loss_curve"][-1][1]
+                print(f"[{job.name}] step {step}/{job.max_steps}  loss {mean_loss:.4f}  {seconds_per_step:.2f} s/step", flush=True)
         if step % cfg.train.checkpoint_every == 0 and step < job.max_steps:
-            _save_checkpoint(engine, state, {"step": step, "loss": state["loss_curve"][-1][1]}, adapter=False)
+            _save_checkpoint(engine, state, {"step": step, "loss": loss.item()}, adapter=False)
 
     if eval_rows:
         state["eval_loss_end"] = heldout_loss(engine, eval_rows, pad_id, micro, rank, world)
