@@ -3,6 +3,7 @@
     gs-ray run     [--config PRESET|FILE] [--run-dir DIR] [section.field=value ...]
     gs-ray data    ...   # read, validate, tokenize and split the data
     gs-ray warmup  ...   # Stage I: the warm-up LoRA (runs `data` first if it is stale)
+    gs-ray cluster ...   # Stage II: gradients streamed past the clustering actor -> assignments
     gs-ray config  ...   # print the resolved config with every field's documentation
 
 Every stage subcommand brings its prerequisites up to date and skips what is current.
@@ -25,6 +26,7 @@ EXIT_USER_ERROR = 2
 STAGE_HELP = {
     "data": "read, validate, tokenize and split the data",
     "warmup": "Stage I: train the warm-up LoRA",
+    "cluster": "Stage II: per-sample LoRA gradients, K, and online clustering of the training split",
 }
 
 

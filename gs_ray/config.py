@@ -187,11 +187,14 @@ class GradsConfig:
     """Gradient actors in the pool."""
     num_gpus_per_actor: float = 0.0
     """GPUs per gradient actor; 0 on CPU."""
+    num_cpus_per_actor: float = 1.0
+    """CPUs per gradient actor (torch uses as many threads)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "grads.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.concurrency >= 1, "grads.concurrency", f"must be >= 1, got {self.concurrency}")
         _check(self.num_gpus_per_actor >= 0, "grads.num_gpus_per_actor", "must be >= 0")
+        _check(self.num_cpus_per_actor > 0, "grads.num_cpus_per_actor", "must be > 0")
 
 
 @dataclass
@@ -210,12 +213,17 @@ class ClusterConfig:
     """Weight of the cache's top singular vector in the centroid update."""
     reassign: bool = False
     """Second gradient pass assigning every sample against the final centroids."""
+    center: bool = True
+    """Subtract the mean validation gradient direction before normalizing (removes the direction all samples share)."""
+    max_val_samples: int = 512
+    """Validation gradients used to choose K and initialise centroids (m; the Gram matrix is m x m)."""
 
     def __post_init__(self) -> None:
         _check(self.k == 0 or self.k >= 2, "cluster.k", f"must be 0 (automatic) or >= 2, got {self.k}")
         _check(2 <= self.k_min <= self.k_max, "cluster.k_min", f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         _check(self.cache_size >= 2, "cluster.cache_size", f"must be >= 2, got {self.cache_size}")
         _check(0 < self.ema_beta <= 1, "cluster.ema_beta", f"must be in (0, 1], got {self.ema_beta}")
+        _check(self.max_val_samples > self.k_max, "cluster.max_val_samples", "must exceed cluster.k_max")
 
 
 @dataclass
@@ -228,15 +236,24 @@ class RouterConfig:
     """Train the encoder too; off trains only the head on frozen embeddings."""
     epochs: int = 20
     """Passes over the router's training split."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     """Router head learning rate."""
     holdout_fraction: float = 0.2
     """Share of assigned samples held out to measure router accuracy."""
+    hidden_dim: int = 0
+    """Hidden width of the MLP head; 0 makes the head linear."""
+    batch_size: int = 64
+    """Texts per router training and prediction batch."""
+    max_length: int = 128
+    """Request tokens the encoder reads; longer requests are truncated."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "router.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.learning_rate > 0, "router.learning_rate", "must be > 0")
         _check_fraction(self.holdout_fraction, "router.holdout_fraction", allow_zero=False)
+        _check(self.hidden_dim >= 0, "router.hidden_dim", "must be >= 0")
+        _check(self.batch_size >= 1, "router.batch_size", "must be >= 1")
+        _check(self.max_length >= 8, "router.max_length", "must be >= 8")
 
 
 @dataclass

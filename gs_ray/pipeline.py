@@ -206,9 +206,23 @@ def _describe_warmup(summary: dict[str, Any]) -> str:
     )
 
 
+def _build_cluster(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
+    from gs_ray.gradient_stream import cluster_training_split
+
+    adapter_dir = run.stage_dir("warmup") / "adapter"
+    return cluster_training_split(cfg, run.stage_dir("data"), str(adapter_dir), staging)
+
+
+def _describe_cluster(summary: dict[str, Any]) -> str:
+    agreement = summary.get("agreement")
+    against_labels = f"; vs labels: purity {agreement['purity']:.2f}, NMI {agreement['nmi']:.2f}" if agreement else ""
+    return f"K={summary['k']} ({summary['k_rule']}); cluster sizes {summary['sizes']}{against_labels}"
+
+
 DATA = Stage("data", ("model", "data"), (), _build_data, _describe_data)
 WARMUP = Stage("warmup", ("model", "lora", "train", "warmup"), ("data",), _build_warmup, _describe_warmup)
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP)}
+CLUSTER = Stage("cluster", ("model", "grads", "cluster"), ("data", "warmup"), _build_cluster, _describe_cluster)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER)}
 """Every stage, in pipeline order."""
 
 

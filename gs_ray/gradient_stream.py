@@ -1,0 +1,215 @@
+"""Stage II on Ray: stream the training split's gradients past the ClusterActor.
+
+1. Validation: a Ray Data actor pool (`GradientWorker`, mode "gradients") computes the
+   gradients of up to cluster.max_val_samples validation samples; the driver writes them
+   into a memory-mapped file (m x d, bounded by config, deleted afterwards) from which
+   `OnlineSVDClusterer.fit_validation` picks K and the initial centroids.
+2. Stream: the same pool (mode "stream") runs over the training split. Each worker keeps
+   a replica of the centroids, assigns its samples locally, fills its own per-cluster
+   caches, and sends the ClusterActor one (k, top singular vector) summary per filled
+   cache, i.e. one d-vector per cluster.cache_size samples. Before each batch it fetches
+   the centroid rows that changed since its replica's version. Assignments leave the
+   workers as ordinary Ray Data rows (sample_id, cluster, similarity, label); the driver
+   collects those small rows, never a gradient.
+3. Optional reassignment (cluster.reassign): mode "assign" against the frozen final
+   centroids, and the share of samples whose cluster changed.
+
+With one worker, batch size 1 and data order preserved, this is exactly the
+single-process `OnlineSVDClusterer.partial_fit`; with larger batches a worker's replica
+lags the central centroids by at most one batch, and with several workers each fills its
+own caches, so summaries reach the centroids in a different order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from gs_ray.cluster import ClusterActor, ClusterCaches, GradientFeatures, OnlineSVDClusterer, nearest_centroids
+from gs_ray.config import Config, config_from_dict
+from gs_ray.data import load_split, pad_batch
+from gs_ray.errors import DataError
+from gs_ray.evaluate import label_agreement
+
+MODES = ("gradients", "stream", "assign")
+INPUT_COLUMNS = ["sample_id", "input_ids", "labels", "label"]
+BATCHES_PER_BLOCK = 4
+"""Rows per Ray Data block, in gradient batches: small blocks spread a split over every worker."""
+ACTOR_MAX_RESTARTS = 3
+"""A killed ClusterActor comes back this many times (its calls are retried)."""
+
+
+class GradientWorker:
+    """Ray Data `map_batches` actor: the base model with the warm-up adapter, one per pool slot."""
+
+    def __init__(self, config: dict[str, Any], adapter_dir: str, mode: str, actor: Any = None):
+        import torch
+
+        from gs_ray.grads import PerSampleGradients
+        from gs_ray.models import load_adapter, load_base_model, load_tokenizer
+
+        if mode not in MODES or (mode != "gradients" and actor is None):
+            raise ValueError(f"mode must be one of {MODES} (stream and assign need the actor), got {mode!r}")
+        cfg = config_from_dict(config)
+        device = "cuda" if cfg.grads.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        model = load_adapter(load_base_model(cfg.model), adapter_dir).to(device)
+        self.gradients = PerSampleGradients(model)
+        self.pad_id = load_tokenizer(cfg.model).pad_token_id or 0
+        self.mode, self.actor, self.cache_size = mode, actor, cfg.cluster.cache_size
+        self.version = -1
+        self.centroids: np.ndarray | None = None
+        self.features: GradientFeatures | None = None
+        self.caches: ClusterCaches | None = None
+
+    def _refresh(self) -> None:
+        """Bring the centroid replica up to the actor's version (only changed rows travel)."""
+        version, changed, mean = ray.get(self.actor.changed_since.remote(self.version))
+        if self.centroids is None:
+            self.centroids = np.stack([changed[k] for k in sorted(changed)])
+            self.features = GradientFeatures(mean)
+            self.caches = ClusterCaches(*self.centroids.shape[:1], self.cache_size, self.centroids.shape[1])
+        for k, row in changed.items():
+            self.centroids[k] = row
+        self.version = version
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        rows = batch.select(["input_ids", "labels"]).to_pylist()
+        grads = self.gradients(pad_batch(rows, self.pad_id)).cpu().numpy()
+        out = {"sample_id": np.asarray(batch["sample_id"].to_pylist(), dtype=object)}
+        if self.mode == "gradients":
+            return out | {"gradient": grads}
+        if self.mode == "stream" or self.centroids is None:
+            self._refresh()
+        features = self.features(grads)
+        clusters, similarity = nearest_centroids(features, self.centroids)
+        if self.mode == "stream":
+            summaries = self.caches.add(clusters, features)
+            if summaries:  # waited for, so this worker's next refresh sees its own updates
+                ray.get(self.actor.apply_summaries.remote(summaries))
+        labels = batch["label"].to_pylist()
+        return out | {"cluster": clusters, "similarity": similarity, "label": np.asarray(labels, dtype=object)}
+
+
+def _gradient_pass(cfg: Config, ds: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any = None):
+    """Batches (pyarrow) of one pass of the worker pool over ds, in input order."""
+    grads = cfg.grads
+    blocks = ds.repartition(target_num_rows_per_block=grads.batch_size * BATCHES_PER_BLOCK)
+    mapped = blocks.map_batches(
+        GradientWorker,
+        fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor},
+        batch_size=grads.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=grads.concurrency),
+        num_cpus=grads.num_cpus_per_actor, num_gpus=grads.num_gpus_per_actor,
+    )
+    return mapped.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+@contextlib.contextmanager
+def _ordered_execution():
+    """Keep Ray Data's output in input order: streaming results then depend on the seed only."""
+    context = ray.data.DataContext.get_current()
+    previous = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order = previous
+
+
+def _validation_rows(cfg: Config, data_dir: Path) -> list[dict]:
+    rows = load_split(str(data_dir / "val"))[: cfg.cluster.max_val_samples]
+    needed = (cfg.cluster.k or cfg.cluster.k_min) + 1
+    if len(rows) < needed:
+        raise DataError(
+            f"the val split has {len(rows)} samples; clustering needs at least {needed} "
+            "(raise data.val_fraction or add data)"
+        )
+    return [{column: row[column] for column in INPUT_COLUMNS} for row in rows]
+
+
+def fit_on_validation(cfg: Config, data_dir: Path, adapter_dir: str, scratch: Path) -> tuple[OnlineSVDClusterer, dict]:
+    """K and initial centroids from the validation gradients, held in a memory-mapped file only."""
+    rows = _validation_rows(cfg, data_dir)
+    clusterer = OnlineSVDClusterer(cfg.cluster, seed=cfg.run.seed)
+    with tempfile.NamedTemporaryFile(dir=scratch, prefix=".val-gradients-", suffix=".f32") as handle:
+        matrix = None
+        filled = 0
+        for batch in _gradient_pass(cfg, ray.data.from_items(rows), adapter_dir, "gradients"):
+            block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False)) if batch.num_rows else None
+            if block is None:
+                continue
+            if matrix is None:
+                matrix = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(len(rows), block.shape[1]))
+            matrix[filled : filled + len(block)] = block
+            filled += len(block)
+        fit = clusterer.fit_validation(matrix)
+        del matrix
+    fit["val_samples"] = len(rows)
+    return clusterer, fit
+
+
+def stream_training_split(cfg: Config, data_dir: Path, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
+    """sample_id, cluster, similarity, label for every training sample, sorted by sample_id."""
+    train = ray.data.read_parquet(str(data_dir / "train"), columns=INPUT_COLUMNS)
+    tables = [batch for batch in _gradient_pass(cfg, train, adapter_dir, mode, actor) if batch.num_rows]
+    if not tables:
+        raise DataError(f"the train split under {data_dir / 'train'} is empty: nothing to cluster")
+    return pa.concat_tables(tables).sort_by("sample_id")
+
+
+def cluster_training_split(cfg: Config, data_dir: Path, adapter_dir: str, out_dir: Path) -> dict[str, Any]:
+    """Stage II: write assignments.parquet, centroids.safetensors and spectrum.json into out_dir."""
+    from safetensors.numpy import save_file
+
+    with _ordered_execution():
+        clusterer, fit = fit_on_validation(cfg, data_dir, adapter_dir, out_dir)
+        actor = (
+            ray.remote(ClusterActor)
+            .options(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
+            .remote(cfg.cluster, clusterer.state_dict())
+        )
+        streamed = stream_training_split(cfg, data_dir, adapter_dir, actor, "stream")
+        final = stream_training_split(cfg, data_dir, adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
+        state = ray.get(actor.state_dict.remote())
+        ray.kill(actor)
+    assignments = final
+    summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "val_samples": fit["val_samples"]}
+    if cfg.cluster.reassign:
+        changed = np.asarray(streamed["cluster"]) != np.asarray(final["cluster"])
+        assignments = final.append_column("stream_cluster", streamed["cluster"])
+        summary["reassign_changed_fraction"] = float(changed.mean())
+    pq.write_table(assignments, out_dir / "assignments.parquet")
+    save_file(
+        {"centroids": state["centroids"], "mean": state["mean"]}, str(out_dir / "centroids.safetensors"),
+        metadata={"k": str(state["k"]), "dim": str(state["dim"]), "centered": str(state["centered"])},
+    )
+    spectrum = {"k": fit["k"], "k_rule": fit["k_rule"], "centered": cfg.cluster.center,
+                "singular_values": [float(s) for s in fit["singular_values"]], "gaps": fit["gaps"],
+                "gap_index_offset": cfg.cluster.k_min - (1 if cfg.cluster.center else 0)}
+    (out_dir / "spectrum.json").write_text(json.dumps(spectrum, indent=2))
+    clusters = np.asarray(assignments["cluster"])
+    summary |= {
+        "train_samples": len(clusters), "dim": int(state["dim"]),
+        "sizes": np.bincount(clusters, minlength=fit["k"]).tolist(),
+        "centroid_updates": np.asarray(state["updates"]).tolist(),
+        "agreement": label_agreement(clusters, assignments["label"].to_pylist()),
+    }
+    _plot(spectrum, clusters, assignments["label"].to_pylist(), out_dir)
+    return summary
+
+
+def _plot(spectrum: dict, clusters: np.ndarray, labels: list, out_dir: Path) -> None:
+    from gs_ray.report import plot_cluster_sizes, plot_spectrum
+
+    offset = spectrum["gap_index_offset"]
+    gaps = {offset + i: gap for i, gap in enumerate(spectrum["gaps"])}
+    plot_spectrum(spectrum["singular_values"], gaps, spectrum["k"], spectrum["k_rule"], out_dir / "spectrum.png")
+    plot_cluster_sizes(clusters, labels, spectrum["k"], out_dir / "cluster_sizes.png")

@@ -1,0 +1,79 @@
+"""Stage II on a local Ray cluster: the tiny model's gradients streamed past the ClusterActor."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from safetensors.numpy import load_file
+
+from gs_ray.data import load_split
+from gs_ray.pipeline import RunDir, run_stages
+
+STAGE_FILES = {"assignments.parquet", "centroids.safetensors", "spectrum.json", "spectrum.png", "cluster_sizes.png"}
+
+
+@pytest.fixture(scope="module")
+def warm_run(ray_start_4_cpus, tmp_path_factory):
+    """Data and warm-up of the tiny preset, shared by the tests here (each clusters into its own copy)."""
+    from gs_ray.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("stage2")
+    cfg = load_config("tiny", [f"run.run_dir={run_dir}", "warmup.max_steps=10"])
+    run_stages(cfg, "warmup")
+    return run_dir
+
+
+def _cluster(run_dir, *overrides):
+    from gs_ray.config import load_config
+
+    cfg = load_config("tiny", [f"run.run_dir={run_dir}", "warmup.max_steps=10", *overrides])
+    manifest = run_stages(cfg, "cluster", force=True)["cluster"]
+    return cfg, manifest
+
+
+def _check_every_sample_assigned_once(run_dir, manifest, k):
+    out = RunDir(run_dir).stage_dir("cluster")
+    assert STAGE_FILES <= set(manifest["files"])
+    table = pq.read_table(out / "assignments.parquet")
+    assignments = table.to_pylist()
+    train_ids = sorted(row["sample_id"] for row in load_split(str(run_dir / "data" / "train")))
+    assert [row["sample_id"] for row in assignments] == train_ids  # all of them, none twice, sorted
+    assert {row["cluster"] for row in assignments} <= set(range(k))
+    assert all(-1.0 <= row["similarity"] <= 1.0 + 1e-5 for row in assignments)
+    assert {row["label"] for row in assignments} == {"math", "code", "text"}  # carried through
+
+    summary = manifest["summary"]
+    assert summary["train_samples"] == len(train_ids) and sum(summary["sizes"]) == len(train_ids)
+    assert sum(summary["centroid_updates"]) > 0  # the EMA refinement ran
+    assert summary["agreement"]["labelled_samples"] == len(train_ids)
+    saved = load_file(str(out / "centroids.safetensors"))
+    assert saved["centroids"].shape == (k, summary["dim"])
+    np.testing.assert_allclose(np.linalg.norm(saved["centroids"], axis=1), 1.0, rtol=1e-5)
+    return table
+
+
+def test_one_worker_assigns_every_sample_once_and_repeats_exactly(warm_run):
+    _, manifest = _cluster(warm_run, "cluster.k=3", "cluster.cache_size=8")
+    first = _check_every_sample_assigned_once(warm_run, manifest, 3)
+    _, manifest = _cluster(warm_run, "cluster.k=3", "cluster.cache_size=8")
+    assert _check_every_sample_assigned_once(warm_run, manifest, 3).equals(first)  # same seed, same result
+
+
+def test_two_workers_automatic_k_and_reassignment(warm_run):
+    overrides = ("grads.concurrency=2", "cluster.reassign=true", "cluster.k_max=6", "cluster.cache_size=8")
+    _, manifest = _cluster(warm_run, *overrides)
+    k = manifest["summary"]["k"]
+    table = _check_every_sample_assigned_once(warm_run, manifest, k)
+    spectrum = json.loads((warm_run / "cluster" / "spectrum.json").read_text())
+    assert 2 <= spectrum["k"] <= 6 and spectrum["k"] == k
+    assert spectrum["singular_values"] == sorted(spectrum["singular_values"], reverse=True)
+    changed = np.mean(np.asarray(table["cluster"]) != np.asarray(table["stream_cluster"]))
+    assert manifest["summary"]["reassign_changed_fraction"] == pytest.approx(changed)
+
+
+def test_too_few_validation_samples_is_a_clear_error(warm_run):
+    from gs_ray.errors import DataError
+
+    with pytest.raises(DataError, match="val split has .* clustering needs at least"):
+        _cluster(warm_run, "cluster.k=100")
