@@ -4,6 +4,8 @@
     gs-ray data    ...   # read, validate, tokenize and split the data
     gs-ray warmup  ...   # Stage I: the warm-up LoRA (runs `data` first if it is stale)
     gs-ray cluster ...   # Stage II: gradients streamed past the clustering actor -> assignments
+    gs-ray experts ...   # Stage III: K expert LoRAs, trained concurrently
+    gs-ray router  ...   # Stage III: the request router
     gs-ray config  ...   # print the resolved config with every field's documentation
 
 Every stage subcommand brings its prerequisites up to date and skips what is current.
@@ -27,6 +29,8 @@ STAGE_HELP = {
     "data": "read, validate, tokenize and split the data",
     "warmup": "Stage I: train the warm-up LoRA",
     "cluster": "Stage II: per-sample LoRA gradients, K, and online clustering of the training split",
+    "experts": "Stage III: one LoRA expert per cluster, trained in parallel",
+    "router": "Stage III: the encoder router that picks one expert per request",
 }
 
 

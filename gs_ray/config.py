@@ -227,6 +227,36 @@ class ClusterConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    """Stage III: one LoRA expert per cluster, trained by the same loop as warm-up, K jobs at once."""
+
+    init: str = "warmup"
+    """Start each expert from the warm-up adapter (`warmup`) or from a fresh LoRA (`scratch`)."""
+    min_cluster_size: int = 16
+    """Clusters with fewer training samples are merged into the nearest cluster (by centroid cosine)."""
+    budget: str = "proportional"
+    """`fixed`: every expert trains max_steps; `proportional`: the experts share K * max_steps by cluster size."""
+    max_steps: int = 200
+    """Optimizer steps per expert (the mean per expert under `proportional`)."""
+    min_steps: int = 10
+    """Fewest steps any expert gets under `proportional` (capped at max_steps)."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate of every expert."""
+    num_workers: int = 0
+    """Ray Train workers per expert; 0 uses train.num_workers."""
+    cpus_per_worker: int = 0
+    """CPUs per expert worker; 0 uses train.cpus_per_worker. Fewer CPUs per expert lets more experts run at once."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.init, ("warmup", "scratch"), "experts.init")
+        _check_choice(self.budget, ("fixed", "proportional"), "experts.budget")
+        _check(self.min_cluster_size >= 1, "experts.min_cluster_size", "must be >= 1")
+        _check(self.max_steps >= 1 and self.min_steps >= 1, "experts.max_steps", "max_steps and min_steps must be >= 1")
+        _check(self.learning_rate > 0, "experts.learning_rate", "must be > 0")
+        _check(self.num_workers >= 0 and self.cpus_per_worker >= 0, "experts.num_workers", "must be >= 0 (0: as train.*)")
+
+
+@dataclass
 class RouterConfig:
     """Stage III: the encoder + head that picks one expert per request."""
 
@@ -298,6 +328,7 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     grads: GradsConfig = field(default_factory=GradsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     run: RunConfig = field(default_factory=RunConfig)

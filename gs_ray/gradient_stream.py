@@ -12,7 +12,8 @@
    workers as ordinary Ray Data rows (sample_id, cluster, similarity, label); the driver
    collects those small rows, never a gradient.
 3. Optional reassignment (cluster.reassign): mode "assign" against the frozen final
-   centroids, and the share of samples whose cluster changed.
+   centroids, and the share of samples whose cluster changed. The eval split is always
+   assigned this way too: each held-out sample's own cluster, for evaluating experts.
 
 With one worker, batch size 1 and data order preserved, this is exactly the
 single-process `OnlineSVDClusterer.partial_fit`; with larger batches a worker's replica
@@ -156,17 +157,17 @@ def fit_on_validation(cfg: Config, data_dir: Path, adapter_dir: str, scratch: Pa
     return clusterer, fit
 
 
-def stream_training_split(cfg: Config, data_dir: Path, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
-    """sample_id, cluster, similarity, label for every training sample, sorted by sample_id."""
-    train = ray.data.read_parquet(str(data_dir / "train"), columns=INPUT_COLUMNS)
-    tables = [batch for batch in _gradient_pass(cfg, train, adapter_dir, mode, actor) if batch.num_rows]
+def assign_split(cfg: Config, split_dir: Path, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
+    """sample_id, cluster, similarity, label for every sample of a split, sorted by sample_id."""
+    split = ray.data.read_parquet(str(split_dir), columns=INPUT_COLUMNS)
+    tables = [batch for batch in _gradient_pass(cfg, split, adapter_dir, mode, actor) if batch.num_rows]
     if not tables:
-        raise DataError(f"the train split under {data_dir / 'train'} is empty: nothing to cluster")
+        raise DataError(f"the split under {split_dir} is empty: nothing to assign")
     return pa.concat_tables(tables).sort_by("sample_id")
 
 
 def cluster_training_split(cfg: Config, data_dir: Path, adapter_dir: str, out_dir: Path) -> dict[str, Any]:
-    """Stage II: write assignments.parquet, centroids.safetensors and spectrum.json into out_dir."""
+    """Stage II: write assignments.parquet (train), eval_assignments.parquet, centroids.safetensors, spectrum.json, plots."""
     from safetensors.numpy import save_file
 
     with _ordered_execution():
@@ -176,8 +177,10 @@ def cluster_training_split(cfg: Config, data_dir: Path, adapter_dir: str, out_di
             .options(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
             .remote(cfg.cluster, clusterer.state_dict())
         )
-        streamed = stream_training_split(cfg, data_dir, adapter_dir, actor, "stream")
-        final = stream_training_split(cfg, data_dir, adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
+        streamed = assign_split(cfg, data_dir / "train", adapter_dir, actor, "stream")
+        final = assign_split(cfg, data_dir / "train", adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
+        # Held-out samples against the final centroids: each one's own cluster (oracle routing, expert eval sets).
+        held_out = assign_split(cfg, data_dir / "eval", adapter_dir, actor, "assign")
         state = ray.get(actor.state_dict.remote())
         ray.kill(actor)
     assignments = final
@@ -187,6 +190,7 @@ def cluster_training_split(cfg: Config, data_dir: Path, adapter_dir: str, out_di
         assignments = final.append_column("stream_cluster", streamed["cluster"])
         summary["reassign_changed_fraction"] = float(changed.mean())
     pq.write_table(assignments, out_dir / "assignments.parquet")
+    pq.write_table(held_out, out_dir / "eval_assignments.parquet")
     save_file(
         {"centroids": state["centroids"], "mean": state["mean"]}, str(out_dir / "centroids.safetensors"),
         metadata={"k": str(state["k"]), "dim": str(state["dim"]), "centered": str(state["centered"])},

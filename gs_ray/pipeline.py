@@ -219,10 +219,40 @@ def _describe_cluster(summary: dict[str, Any]) -> str:
     return f"K={summary['k']} ({summary['k_rule']}); cluster sizes {summary['sizes']}{against_labels}"
 
 
+def _build_experts(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
+    from gs_ray.experts import train_experts
+
+    return train_experts(cfg, run, staging)
+
+
+def _describe_experts(summary: dict[str, Any]) -> str:
+    losses = ", ".join(
+        f"{e['expert']}: {e['eval_loss_end']:.3f}" if e.get("eval_loss_end") is not None else f"{e['expert']}: -"
+        for e in summary["experts"]
+    )
+    return (f"{len(summary['experts'])} experts, steps {[e['steps'] for e in summary['experts']]}; "
+            f"held-out loss per expert {{{losses}}}; {summary['parallel_seconds']:.0f} s with jobs overlapping")
+
+
+def _build_router(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
+    from gs_ray.router import train_run_router
+
+    return train_run_router(cfg, run, staging)
+
+
+def _describe_router(summary: dict[str, Any]) -> str:
+    held_out = f", held-out split {summary['eval_accuracy']:.3f}" if summary.get("eval_accuracy") is not None else ""
+    accuracy = summary["accuracy"]
+    return (f"accuracy {accuracy:.3f} (holdout{held_out}; majority {summary['majority_baseline']:.3f})"
+            if accuracy is not None else "trained (no holdout)")
+
+
 DATA = Stage("data", ("model", "data"), (), _build_data, _describe_data)
 WARMUP = Stage("warmup", ("model", "lora", "train", "warmup"), ("data",), _build_warmup, _describe_warmup)
 CLUSTER = Stage("cluster", ("model", "grads", "cluster"), ("data", "warmup"), _build_cluster, _describe_cluster)
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER)}
+EXPERTS = Stage("experts", ("model", "lora", "train", "experts"), ("data", "warmup", "cluster"), _build_experts, _describe_experts)
+ROUTER = Stage("router", ("router",), ("data", "cluster", "experts"), _build_router, _describe_router)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER, EXPERTS, ROUTER)}
 """Every stage, in pipeline order."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
-from gs_ray.config import RouterConfig
+from gs_ray.config import Config, RouterConfig
 from gs_ray.errors import ConfigError, DataError, ModelError
 from gs_ray.models import publish_dir, builtin_encoder_path
 
@@ -285,3 +286,38 @@ def train_router(texts: list[str], clusters: list[int] | np.ndarray, k: int, cfg
                **_holdout_metrics(y[hold_idx], hold_probs, k),
                "train_support": {str(c): int(n) for c, n in enumerate(train_counts)}, "warnings": warnings}
     return router, metrics
+
+
+def _texts_and_clusters(split_dir: Path, assignments: Path) -> tuple[list[str], np.ndarray]:
+    """Request text and assigned cluster of every sample of a split (joined on sample_id)."""
+    import pyarrow.dataset
+    import pyarrow.parquet as pq
+
+    samples = pyarrow.dataset.dataset(str(split_dir), format="parquet").to_table(columns=["sample_id", "messages"])
+    joined = samples.join(pq.read_table(assignments, columns=["sample_id", "cluster"]), "sample_id").sort_by("sample_id")
+    texts = [request_text(json.loads(messages)) for messages in joined["messages"].to_pylist()]
+    return texts, joined["cluster"].to_numpy()
+
+
+def train_run_router(cfg: Config, run: Any, out_dir: Path) -> dict:
+    """Stage III router: train on the training split's experts, check on the held-out split's; save to out_dir."""
+    from gs_ray.experts import EXPERTS_FILE
+
+    record = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())
+    expert_of_cluster = np.asarray(record["expert_of_cluster"])
+    experts = len(record["experts"])
+    if experts < 2:
+        raise DataError("only one expert was trained, so there is nothing to route; lower experts.min_cluster_size")
+    cluster_dir, data_dir = run.stage_dir("cluster"), run.stage_dir("data")
+    texts, clusters = _texts_and_clusters(data_dir / "train", cluster_dir / "assignments.parquet")
+    router, metrics = train_router(texts, expert_of_cluster[clusters], experts, cfg.router, seed=cfg.run.seed)
+    eval_texts, eval_clusters = _texts_and_clusters(data_dir / "eval", cluster_dir / "eval_assignments.parquet")
+    if eval_texts:
+        predicted, _ = router.predict(eval_texts)
+        metrics["eval_accuracy"] = float(np.mean(predicted == expert_of_cluster[eval_clusters]))
+        metrics["eval_samples"] = len(eval_texts)
+    router.save(out_dir / "router")
+    (out_dir / "router_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {key: metrics.get(key) for key in ("accuracy", "majority_baseline", "eval_accuracy", "eval_samples",
+                                              "train_samples", "holdout_samples", "warnings")} | {
+        "ece": metrics["calibration"]["ece"], "experts": experts}

@@ -17,12 +17,13 @@ need that).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,11 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, (targets != IGNORE_INDEX).sum()
+
+
+def samples_digest(sample_ids: Iterable[str]) -> str:
+    """A short hash of a set of sample ids: shows which samples a job trained on."""
+    return hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:16]
 
 
 def require_one_batch(num_rows: int, world: int, batch_size: int) -> None:
@@ -260,6 +266,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         "resumed_from_step": start_step,
         "seconds_this_attempt": time.monotonic() - started,
         "train_samples": len(rows),
+        "train_samples_digest": samples_digest(row["sample_id"] for row in rows),
         "eval_samples": len(eval_rows),
         "num_workers": world,
     }

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from gs_ray.data import load_split
 from gs_ray.pipeline import RunDir, run_stages
 
-STAGE_FILES = {"assignments.parquet", "centroids.safetensors", "spectrum.json", "spectrum.png", "cluster_sizes.png"}
+STAGE_FILES = {"assignments.parquet", "eval_assignments.parquet", "centroids.safetensors", "spectrum.json", "spectrum.png", "cluster_sizes.png"}
 
 
 @pytest.fixture(scope="module")

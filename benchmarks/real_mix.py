@@ -1,0 +1,201 @@
+"""Stage II on the real data mix: do gradient clusters recover the three sources?
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/real_mix.py [--quick] [--datasets ../shared/datasets]
+        [--run-dir runs/real-mix] [--per-source N] [--seed S] [section.field=value ...]
+
+1. Builds the mix as one JSONL file inside the run dir (never in the package: the Alpaca
+   seed tasks are CC BY-NC): a seeded sample of N rows per source among the rows that fit
+   max_seq_len (scripts/build_builtin_mix.py's `fits`), each with "domain" =
+   gsm8k / mbpp / alpaca. GSM8K and MBPP rows come from build_builtin_mix's converters
+   (GSM8K: question -> instruction, answer without <<...>> annotations -> output; MBPP:
+   task text and its test asserts -> instruction, reference code -> output; tasks with
+   setup code are left out). Alpaca: instruction, instance input, instance output (175
+   tasks, one instance each, so N >= 175 takes all that fit).
+2. Runs data -> warm-up -> Stage II with the demo preset (SmolLM2-135M-Instruct, LoRA r=8
+   on q,v) on a local Ray with 2 CPUs, automatic K; then re-runs only Stage II with
+   cluster.k=3 (K = number of sources), reusing data and warm-up.
+3. Prints JSON lines (mix, stage seconds, K and rule, spectrum, sizes, cluster x source
+   cross-tab, purity / NMI / ARI for each run) and a final {"summary": true, ...} line.
+
+--quick: 60 rows per source and warmup.max_steps=10, a smoke run (figures meaningless).
+Extra arguments are config overrides applied last (e.g. warmup.max_steps=80, cluster.center=false).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
+
+SEED = 20240601
+PER_SOURCE = {"quick": 60, "full": 300}
+QUICK_WARMUP_STEPS = 10
+SPECTRUM_SHOWN = 12
+SOURCES = ("gsm8k", "mbpp", "alpaca")
+MIX_FILE = "real_mix.jsonl"
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _builder():
+    """scripts/build_builtin_mix.py as a module (its converters and length filter)."""
+    path = ROOT / "scripts" / "build_builtin_mix.py"
+    spec = importlib.util.spec_from_file_location("build_builtin_mix", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def alpaca_rows(path: Path, rng: random.Random, n: int, fits) -> list[dict]:
+    """Alpaca seed tasks: every instance as {instruction, input, output}; a seeded sample of n among those that fit."""
+    rows = []
+    for task in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()):
+        for instance in task["instances"]:
+            rows.append({"instruction": task["instruction"], "input": instance["input"], "output": instance["output"],
+                         "domain": "alpaca", "task": task["name"]})
+    usable = [row for row in rows if fits(row)]
+    return [usable[i] for i in sorted(rng.sample(range(len(usable)), min(n, len(usable))))]
+
+
+def build_mix(datasets: Path, n: int, seed: int) -> list[dict]:
+    """n rows per source (alpaca: at most n), deterministic for a seed."""
+    builder = _builder()
+    builder.ROWS_PER_DOMAIN = n  # the converters sample this many rows among those that fit
+    rows = []
+    for rng_offset, (domain, convert, name) in enumerate(
+        [("gsm8k", builder.gsm8k_rows, "gsm8k_train.jsonl"), ("mbpp", builder.mbpp_rows, "mbpp_train.jsonl")]
+    ):
+        for row in convert(datasets / name, random.Random(seed + rng_offset)):
+            rows.append(row | {"domain": domain})
+    rows += alpaca_rows(datasets / "alpaca_seed_tasks.jsonl", random.Random(seed + 2), n, builder.fits)
+    prompts = [(row["instruction"], row["input"], row["output"]) for row in rows]
+    if len(set(prompts)) != len(prompts):
+        raise ValueError("duplicate rows in the mix (they would share a content-hash sample id)")
+    return rows
+
+
+def read_cluster_stage(run_dir: Path) -> dict:
+    """What one Stage II run found: K, spectrum, sizes, cross-tab and agreement (read before a re-run replaces it)."""
+    import pyarrow.parquet as pq
+
+    folder = run_dir / "cluster"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    summary = manifest["summary"]
+    spectrum = json.loads((folder / "spectrum.json").read_text())
+    table = pq.read_table(folder / "assignments.parquet", columns=["cluster", "label"]).to_pydict()
+    counts = Counter(zip(table["cluster"], table["label"]))
+    crosstab = {f"cluster {k}": {source: counts.get((k, source), 0) for source in SOURCES} for k in range(summary["k"])}
+    agreement = summary["agreement"]
+    return {
+        "k": summary["k"], "k_rule": summary["k_rule"], "val_samples": summary["val_samples"],
+        "train_samples": summary["train_samples"], "dim": summary["dim"], "seconds": manifest["seconds"],
+        "singular_values": [round(s, 4) for s in spectrum["singular_values"][:SPECTRUM_SHOWN]],
+        "centered": spectrum["centered"],
+        "gaps": spectrum["gaps"],
+        "sizes": summary["sizes"], "crosstab": crosstab,
+        "purity": agreement["purity"], "nmi": agreement["nmi"], "ari": agreement["ari"],
+    }
+
+
+def report_cluster(tag: str, found: dict, k_min: int) -> None:
+    """JSON lines for one Stage II run; gaps[i] is the relative gap of candidate K = k_min + i (centered or not)."""
+    emit({"figure": "k", "run": tag, "k": found["k"], "rule": found["k_rule"], "val_samples": found["val_samples"],
+          "train_samples": found["train_samples"], "dim": found["dim"]})
+    gaps = {str(k_min + i): round(g, 4) for i, g in enumerate(found["gaps"])}
+    emit({"figure": "spectrum", "run": tag, "centered": found["centered"],
+          "singular_values": found["singular_values"], "relative_gap_by_k": gaps})
+    emit({"figure": "clusters", "run": tag, "sizes": found["sizes"], "crosstab": found["crosstab"]})
+    emit({"figure": "agreement", "run": tag, "purity": round(found["purity"], 4), "nmi": round(found["nmi"], 4),
+          "ari": round(found["ari"], 4)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 rows per source, 10 warm-up steps: a smoke run")
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default runs/real-mix (runs/real-mix-quick with --quick)")
+    parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 300, 60 with --quick)")
+    parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.field=value, applied last")
+    args = parser.parse_args()
+
+    mode = "quick" if args.quick else "full"
+    per_source = args.per_source or PER_SOURCE[mode]
+    run_dir = (args.run_dir or ROOT / "runs" / ("real-mix-quick" if args.quick else "real-mix")).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = build_mix(args.datasets, per_source, args.seed)
+    mix_path = run_dir / MIX_FILE
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not mix_path.is_file() or mix_path.read_text(encoding="utf-8") != text:  # unchanged bytes keep the data stage current
+        mix_path.write_text(text, encoding="utf-8")
+    emit({"figure": "mix", "mode": mode, "smoke_run": args.quick, "per_source": per_source, "seed": args.seed,
+          "path": str(mix_path), "rows": dict(Counter(row["domain"] for row in rows)), "total": len(rows)})
+
+    import ray
+
+    from gs_ray.config import load_config
+    from gs_ray.pipeline import run_stages
+
+    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]", "grads.num_cpus_per_actor=2"]
+    if args.quick:
+        base.append(f"warmup.max_steps={QUICK_WARMUP_STEPS}")
+    cfg = load_config("demo", [*base, *args.overrides])
+    emit({"figure": "config", "preset": "demo", "overrides": [*base, *args.overrides], "model": cfg.model.name,
+          "lora_r": cfg.lora.r, "target_modules": list(cfg.lora.target_modules), "warmup_steps": cfg.warmup.max_steps,
+          "cluster_center": cfg.cluster.center})
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        started = time.time()
+        manifests = run_stages(cfg, "cluster")
+        auto_wall = time.time() - started
+        splits = manifests["data"]["summary"]["rows"]
+        warm = manifests["warmup"]["summary"]
+        emit({"figure": "stages", "run": "auto", "seconds": {name: m["seconds"] for name, m in manifests.items()},
+              "wall_seconds": round(auto_wall, 1), "splits": splits,
+              "warmup": {"steps": warm["step"], "eval_loss_base": warm["eval_loss_start"], "eval_loss_end": warm["eval_loss_end"]}})
+        auto = read_cluster_stage(run_dir)
+        report_cluster("auto", auto, cfg.cluster.k_min)
+
+        if cfg.cluster.k == 3:
+            fixed = auto
+        else:
+            cfg3 = load_config("demo", [*base, *args.overrides, "cluster.k=3"])
+            started = time.time()
+            manifests3 = run_stages(cfg3, "cluster", force=True)
+            emit({"figure": "stages", "run": "k3", "seconds": {name: m["seconds"] for name, m in manifests3.items()},
+                  "wall_seconds": round(time.time() - started, 1),
+                  "reused": [name for name in ("data", "warmup") if manifests3[name]["digest"] == manifests[name]["digest"]]})
+            fixed = read_cluster_stage(run_dir)
+            report_cluster("k3", fixed, cfg3.cluster.k_min)
+    finally:
+        ray.shutdown()
+
+    emit({"summary": True, "mode": mode, "smoke_run": args.quick, "samples": auto["train_samples"],
+          "mix": dict(Counter(row["domain"] for row in rows)), "warmup_steps": cfg.warmup.max_steps,
+          "overrides": args.overrides,
+          "k": auto["k"], "purity": round(auto["purity"], 4), "nmi": round(auto["nmi"], 4), "ari": round(auto["ari"], 4),
+          "k3": {"purity": round(fixed["purity"], 4), "nmi": round(fixed["nmi"], 4), "ari": round(fixed["ari"], 4)},
+          "stage_seconds": {name: m["seconds"] for name, m in manifests.items()},
+          "target_purity": 0.9})
+
+
+if __name__ == "__main__":
+    main()

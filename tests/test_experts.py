@@ -1,0 +1,75 @@
+"""Stage III: experts trained concurrently on their own clusters, and the router stage."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gs_ray.config import ExpertsConfig
+from gs_ray.experts import expert_steps, merge_small_clusters
+from gs_ray.pipeline import RunDir, run_stages
+from gs_ray.train import samples_digest
+
+
+def test_small_clusters_merge_into_their_nearest_neighbour():
+    centroids = np.eye(4, dtype=np.float32)
+    centroids[3] = [0.1, 0.0, 0.9, 0.0]  # closest to cluster 2
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    expert_of_cluster, kept = merge_small_clusters([50, 40, 30, 3], centroids, min_size=10)
+    assert kept == [0, 1, 2] and expert_of_cluster == [0, 1, 2, 2]
+    # Nothing large enough: the largest cluster stays, so there is still one expert.
+    assert merge_small_clusters([3, 5], centroids[:2], min_size=10) == ([0, 0], [1])
+
+
+def test_step_budgets():
+    assert expert_steps([10, 30], ExpertsConfig(budget="fixed", max_steps=20)) == [20, 20]
+    proportional = expert_steps([10, 30, 160], ExpertsConfig(budget="proportional", max_steps=20, min_steps=8))
+    assert proportional == [8, 9, 48]  # shares of 60 total steps, with the floor applied
+
+
+@pytest.fixture(scope="module")
+def stage3_run(ray_start_4_cpus, tmp_path_factory):
+    from gs_ray.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("stage3")
+    cfg = load_config("tiny", [
+        f"run.run_dir={run_dir}", "warmup.max_steps=10", "cluster.k=2", "cluster.cache_size=8",
+        "experts.budget=fixed", "experts.max_steps=8", "experts.min_cluster_size=1", "experts.cpus_per_worker=1",
+        "router.epochs=10",
+    ])
+    return cfg, run_stages(cfg, "router")
+
+
+def test_two_experts_train_at_the_same_time_on_their_own_clusters(stage3_run):
+    cfg, manifests = stage3_run
+    run = RunDir(cfg.run.run_dir)
+    experts = manifests["experts"]["summary"]["experts"]
+    assert len(experts) == 2
+    # Both jobs were running at once: each started before the other ended.
+    assert max(e["started_at"] for e in experts) < min(e["ended_at"] for e in experts)
+    assert manifests["experts"]["summary"]["parallel_seconds"] > 0
+
+    assignments = pq.read_table(run.stage_dir("cluster") / "assignments.parquet").to_pylist()
+    for expert in experts:
+        own = [row["sample_id"] for row in assignments if row["cluster"] in expert["clusters"]]
+        assert expert["train_samples"] == len(own) and expert["step"] == 8
+        assert expert["train_samples_digest"] == samples_digest(own)  # what the loop trained on, nothing else
+        folder = run.stage_dir("experts") / f"expert-{expert['expert']}"
+        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+        assert expert["eval_loss_end"] < expert["eval_loss_start"]
+
+
+def test_router_stage_trains_on_expert_ids(stage3_run):
+    from gs_ray.router import Router
+
+    cfg, manifests = stage3_run
+    summary = manifests["router"]["summary"]
+    assert summary["experts"] == 2 and summary["eval_samples"] > 0
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    out = RunDir(cfg.run.run_dir).stage_dir("router")
+    router = Router.load(out / "router")
+    clusters, probabilities = router.predict(["What is 12 plus 30?", "Write a python function to sort a list."])
+    assert probabilities.shape == (2, 2) and set(clusters) <= {0, 1}
+    metrics = json.loads((out / "router_metrics.json").read_text())
+    assert np.sum(metrics["confusion"]) == metrics["holdout_samples"]
