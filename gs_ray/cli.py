@@ -77,12 +77,24 @@ def _init_ray(cfg: Config) -> None:
     ray.init(address=address, logging_level=logging.WARNING)
 
 
+ARTIFACTS = {
+    "warmup": "warmup/adapter",
+    "cluster": "cluster/assignments.parquet, cluster/spectrum.png, cluster/cluster_sizes.png",
+    "experts": "experts/expert-<e>/adapter (PEFT), experts/experts.json",
+    "router": "router/router, router/router_metrics.json",
+}
+"""What each stage wrote that users reach for, relative to the run dir."""
+
+
 def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
     run = RunDir(cfg.run.run_dir)
     print("\n== gs-ray summary ==")
     for name, manifest in manifests.items():
         print(f"  {name:<8} {STAGES[name].describe(manifest['summary'])}  [{manifest['seconds']:.0f} s]")
     print(f"  run dir  {run.root}")
+    for name in manifests:
+        if name in ARTIFACTS:
+            print(f"    {name:<8} {ARTIFACTS[name]}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,3 +49,26 @@ def tiny_config(tmp_path):
         return load_config("tiny", [f"run.run_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+WARM_RUN_OVERRIDES = ("warmup.max_steps=10",)
+"""The tiny preset's warm-up as tests build it once: pass these with every config of a copied run."""
+
+
+@pytest.fixture(scope="session")
+def tiny_warm_run(ray_start_4_cpus, tmp_path_factory):
+    """Factory: a fresh copy of one tiny run whose data and warm-up stages are done (built once)."""
+    import shutil
+
+    from gs_ray.config import load_config
+    from gs_ray.pipeline import run_stages
+
+    built = tmp_path_factory.mktemp("tiny-warm") / "run"
+    run_stages(load_config("tiny", [f"run.run_dir={built}", *WARM_RUN_OVERRIDES]), "warmup")
+
+    def copy(name: str) -> Path:
+        target = tmp_path_factory.mktemp(name) / "run"
+        shutil.copytree(built, target)
+        return target
+
+    return copy

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import WARM_RUN_OVERRIDES
 from gs_ray.config import ExpertsConfig
 from gs_ray.experts import expert_steps, merge_small_clusters
 from gs_ray.pipeline import RunDir, run_stages
@@ -29,12 +30,12 @@ def test_step_budgets():
 
 
 @pytest.fixture(scope="module")
-def stage3_run(ray_start_4_cpus, tmp_path_factory):
+def stage3_run(tiny_warm_run):
     from gs_ray.config import load_config
 
-    run_dir = tmp_path_factory.mktemp("stage3")
+    run_dir = tiny_warm_run("stage3")
     cfg = load_config("tiny", [
-        f"run.run_dir={run_dir}", "warmup.max_steps=10", "cluster.k=2", "cluster.cache_size=8",
+        f"run.run_dir={run_dir}", *WARM_RUN_OVERRIDES, "cluster.k=2", "cluster.cache_size=8",
         "experts.budget=fixed", "experts.max_steps=8", "experts.min_cluster_size=1", "experts.cpus_per_worker=1",
         "router.epochs=10",
     ])

@@ -8,26 +8,22 @@ import pytest
 from safetensors.numpy import load_file
 
 from gs_ray.data import load_split
+from conftest import WARM_RUN_OVERRIDES
 from gs_ray.pipeline import RunDir, run_stages
 
 STAGE_FILES = {"assignments.parquet", "eval_assignments.parquet", "centroids.safetensors", "spectrum.json", "spectrum.png", "cluster_sizes.png"}
 
 
 @pytest.fixture(scope="module")
-def warm_run(ray_start_4_cpus, tmp_path_factory):
-    """Data and warm-up of the tiny preset, shared by the tests here (each clusters into its own copy)."""
-    from gs_ray.config import load_config
-
-    run_dir = tmp_path_factory.mktemp("stage2")
-    cfg = load_config("tiny", [f"run.run_dir={run_dir}", "warmup.max_steps=10"])
-    run_stages(cfg, "warmup")
-    return run_dir
+def warm_run(tiny_warm_run):
+    """A tiny run with data and warm-up done; each test here re-runs the cluster stage in it."""
+    return tiny_warm_run("stage2")
 
 
 def _cluster(run_dir, *overrides):
     from gs_ray.config import load_config
 
-    cfg = load_config("tiny", [f"run.run_dir={run_dir}", "warmup.max_steps=10", *overrides])
+    cfg = load_config("tiny", [f"run.run_dir={run_dir}", *WARM_RUN_OVERRIDES, *overrides])
     manifest = run_stages(cfg, "cluster", force=True)["cluster"]
     return cfg, manifest
 
