@@ -102,7 +102,9 @@ class GradientWorker:
 def _gradient_pass(cfg: Config, ds: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any = None):
     """Batches (pyarrow) of one pass of the worker pool over ds, in input order."""
     grads = cfg.grads
-    blocks = ds.repartition(target_num_rows_per_block=grads.batch_size * BATCHES_PER_BLOCK)
+    # Materialized first: token ids are small, and a read or repartition task still waiting
+    # for a CPU while the actor pool holds every CPU (one actor of 2 CPUs on 2 cores) would deadlock.
+    blocks = ds.repartition(target_num_rows_per_block=grads.batch_size * BATCHES_PER_BLOCK).materialize()
     mapped = blocks.map_batches(
         GradientWorker,
         fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor},
