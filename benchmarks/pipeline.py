@@ -2,14 +2,15 @@
 
 Run from the repository root:  .venv/bin/python benchmarks/pipeline.py [--quick]
 
-Setup (not timed): `ray.init(num_cpus=2)`, a fresh run directory with the tiny preset
+Setup (not timed): `ray.init(num_cpus=3)` (logical CPUs on 2 cores; see RAY_CPUS), a fresh
+run directory with the tiny preset
 (--quick) or the demo preset (SmolLM2-135M, warm-up cut to --warmup-steps, the default
 without --quick), `run_stages(cfg, "warmup")` for data/ and warmup/adapter, then
 `fit_on_validation` for K and the initial centroids. --max-train-rows bounds the training
 split (a sorted prefix written to a scratch data dir that both sides read).
 
 Timed, on the same training rows, from the same fitted clusterer state:
-  - ray:   `stream_training_split(cfg, data_dir, adapter_dir, actor, "stream")` with a fresh
+  - ray:   `assign_split(cfg, data_dir / "train", adapter_dir, actor, "stream")` with a fresh
            `ClusterActor` (started and ready before the clock starts), grads.concurrency=1,
            grads.num_cpus_per_actor=2. End to end: actor-pool startup (process start, imports,
            model + adapter load), read_parquet, repartition, gradients, clustering,
@@ -20,13 +21,14 @@ Timed, on the same training rows, from the same fitted clusterer state:
            `GradientFeatures` -> `nearest_centroids` -> `ClusterCaches.add` -> `apply_summary`
            on a local `OnlineSVDClusterer` loaded from the same state; torch.set_num_threads(2).
 Steady state: the time at which each block of output reaches the driver is recorded (by
-wrapping `gradient_stream._gradient_pass`, which `stream_training_split` calls); the steady
+wrapping `gradient_stream._gradient_pass`, which `assign_split` calls); the steady
 rate is the rows after the first block over the time after it, and the plain side's rate is
 taken the same way over the same row count.
 
 Each repeat runs both sides (alternating which goes first); --quick runs one repeat.
-Prints one JSON line per repeat, a `probe` line (a fresh Ray worker's import and model-load
-seconds, and its torch thread count), then a summary line (`"summary": true`) with
+Prints one JSON line per repeat, a `trivial` line (the same Ray Data plan with an identity
+actor: Ray Data's own startup and transfer cost), a `probe` line (a fresh Ray worker's import
+and model-load seconds, and its torch thread count), then a summary line (`"summary": true`) with
 ray_efficiency = plain seconds / Ray seconds summed over the repeats (end to end; target
 >= 0.85), ray_efficiency_steady, both timings and samples/s, the sample counts, and the
 fraction of samples both sides put in the same cluster. Assignments need not be identical:
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -66,7 +69,10 @@ from gs_ray.config import load_config  # noqa: E402
 from gs_ray.data import load_split, pad_batch  # noqa: E402
 from gs_ray.pipeline import RunDir, run_stages  # noqa: E402
 
-RAY_CPUS = 2
+RAY_CPUS = 3
+"""Logical CPUs of the local cluster (2 physical cores): the gradient actor holds 2, and Ray Data's
+read and repartition tasks need 1 more. With num_cpus=2 Stage II waits forever: the actor pool
+takes both CPUs and the StreamingRepartition task feeding it is never scheduled."""
 TORCH_THREADS = 2
 
 
@@ -130,6 +136,13 @@ def prepare(args, tmp: Path):
     return cfg, data_dir, adapter_dir, clusterer.state_dict(), setup
 
 
+def _stream(cfg, data_dir: Path, adapter_dir: str, actor):
+    """The training split's stream pass: `assign_split` (or its former name, `stream_training_split`)."""
+    if hasattr(gradient_stream, "assign_split"):
+        return gradient_stream.assign_split(cfg, data_dir / "train", adapter_dir, actor, "stream")
+    return gradient_stream.stream_training_split(cfg, data_dir, adapter_dir, actor, "stream")
+
+
 def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
     actor = (
         ray.remote(ClusterActor)
@@ -140,7 +153,7 @@ def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
     ray.get(actor.state_dict.remote())  # the actor is up before the clock starts
     with gradient_stream._ordered_execution(), _BlockClock() as clock:
         clock.start = time.perf_counter()
-        table = gradient_stream.stream_training_split(cfg, data_dir, adapter_dir, actor, "stream")
+        table = _stream(cfg, data_dir, adapter_dir, actor)
         seconds = time.perf_counter() - clock.start
     final = ray.get(actor.state_dict.remote())
     ray.kill(actor)
@@ -222,10 +235,38 @@ def compare(ray_run: dict, plain_run: dict) -> dict:
     return record
 
 
+class _Identity:
+    """A map_batches actor that does nothing: what Ray Data costs without the model."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def time_trivial(cfg, data_dir: Path) -> dict:
+    """The stream pass's Ray Data plan (read, repartition, 1-actor pool, collect, sort) with no work in the actor."""
+    grads = cfg.grads
+    started = time.perf_counter()
+    with gradient_stream._ordered_execution():
+        ds = ray.data.read_parquet(str(data_dir / "train"), columns=gradient_stream.INPUT_COLUMNS)
+        blocks = ds.repartition(target_num_rows_per_block=grads.batch_size * gradient_stream.BATCHES_PER_BLOCK)
+        mapped = blocks.map_batches(_Identity, batch_size=grads.batch_size, batch_format="pyarrow",
+                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=grads.num_cpus_per_actor)
+        first, tables = None, []
+        for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+            first = first if first is not None else time.perf_counter() - started
+            tables.append(batch)
+        rows = pa.concat_tables(tables).sort_by("sample_id").num_rows
+    return {"trivial_pass_s": round(time.perf_counter() - started, 2), "trivial_to_first_block_s": round(first, 2),
+            "trivial_rows": rows}
+
+
 @ray.remote
 def _probe(model_cfg: dict, adapter_dir: str) -> dict:
-    """In a fresh worker: import and model-load seconds, as an actor's startup pays them."""
+    """In a fresh worker: what GradientWorker's process imports and loads before its first batch."""
     started = time.perf_counter()
+    import gs_ray.gradient_stream  # noqa: F401  (the actor class's module: ray.data, sklearn, pyarrow)
+
+    module_imported = time.perf_counter()
     import torch
 
     from gs_ray.config import config_from_dict
@@ -237,7 +278,9 @@ def _probe(model_cfg: dict, adapter_dir: str) -> dict:
     load_adapter(load_base_model(cfg.model), adapter_dir)
     load_tokenizer(cfg.model)
     loaded = time.perf_counter()
-    return {"import_s": round(imported - started, 2), "model_load_s": round(loaded - imported, 2),
+    return {"import_gradient_stream_s": round(module_imported - started, 2),
+            "import_torch_models_s": round(imported - module_imported, 2),
+            "import_s": round(imported - started, 2), "model_load_s": round(loaded - imported, 2),
             "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
@@ -249,14 +292,18 @@ def main() -> None:
     parser.add_argument("--max-train-rows", type=int, default=None, help="bound the training split (default: 256 for demo, all for tiny)")
     parser.add_argument("--batch-size", type=int, default=None, help="grads.batch_size (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of both sides (default: 1 quick, 2 full)")
+    parser.add_argument("--ray-cpus", type=int, default=RAY_CPUS, help="logical CPUs for ray.init (see RAY_CPUS)")
     parser.add_argument("--set", action="append", help="extra config override key=value (repeatable)")
     args = parser.parse_args()
-    if not args.quick:
+    if args.quick:
+        args.warmup_steps = args.warmup_steps or 10
+    else:
         args.warmup_steps = args.warmup_steps or 5
         args.max_train_rows = args.max_train_rows or 256
     repeats = args.repeats or (1 if args.quick else 2)
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still removes its scratch dir
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="gs-ray-bench-pipeline-"))
     try:
@@ -273,6 +320,8 @@ def main() -> None:
             record = {"figure": "repeat", "repeat": repeat, "ray_first": repeat % 2 == 0} | compare(ray_run, plain_run)
             emit(record)
             records.append(record)
+        trivial = time_trivial(cfg, data_dir)
+        emit({"figure": "trivial", "what": "same Ray Data plan, identity actor (no torch, no model)", **trivial})
         probe = ray.get(_probe.options(num_cpus=TORCH_THREADS).remote(cfg.to_dict(), adapter_dir))
         emit({"figure": "probe", "what": "fresh Ray worker: import and model+adapter+tokenizer load", **probe})
     finally:
@@ -284,6 +333,7 @@ def main() -> None:
     samples = sum(r["train_samples_ray"] for r in records)
     summary = {
         "summary": True, "preset": setup["preset"], "model": setup["model"], "repeats": repeats,
+        "ray_num_cpus": args.ray_cpus,
         "ray_efficiency": round(plain_s / ray_s, 3),
         "ray_s": round(ray_s, 2), "plain_s": round(plain_s, 2),
         "ray_samples_per_s": round(samples / ray_s, 2), "plain_samples_per_s": round(samples / plain_s, 2),
@@ -301,7 +351,7 @@ def main() -> None:
             "ray_startup_to_first_block_s": round(statistics.mean(r["ray_to_first_block_s"] for r in records), 2),
             "plain_startup_to_first_block_s": round(statistics.mean(r["plain_to_first_block_s"] for r in records), 2),
         }
-    summary |= {"ray_worker_import_s": probe["import_s"], "ray_worker_model_load_s": probe["model_load_s"],
+    summary |= {"ray_data_trivial_pass_s": trivial["trivial_pass_s"], "ray_worker_import_s": probe["import_s"], "ray_worker_model_load_s": probe["model_load_s"],
                 "ray_worker_torch_threads": probe["torch_threads"], "plain_torch_threads": TORCH_THREADS,
                 "machine": platform.machine(), "cpus": os.cpu_count()}
     emit(summary)

@@ -14,7 +14,7 @@ Run from the repository root:
    setup code are left out). Alpaca: instruction, instance input, instance output (175
    tasks, one instance each, so N >= 175 takes all that fit).
 2. Runs data -> warm-up -> Stage II with the demo preset (SmolLM2-135M-Instruct, LoRA r=8
-   on q,v) on a local Ray with 2 CPUs, automatic K; then re-runs only Stage II with
+   on q,v) on a local Ray (3 logical CPUs, see RAY_CPUS), automatic K; then re-runs only Stage II with
    cluster.k=3 (K = number of sources), reusing data and warm-up.
 3. Prints JSON lines (mix, stage seconds, K and rule, spectrum, sizes, cluster x source
    cross-tab, purity / NMI / ARI for each run) and a final {"summary": true, ...} line.
@@ -47,6 +47,11 @@ QUICK_WARMUP_STEPS = 10
 SPECTRUM_SHOWN = 12
 SOURCES = ("gsm8k", "mbpp", "alpaca")
 MIX_FILE = "real_mix.jsonl"
+GRAD_ACTOR_CPUS = 2
+"""grads.num_cpus_per_actor: the gradient actor uses both cores (torch threads follow Ray's CPU count)."""
+RAY_CPUS = GRAD_ACTOR_CPUS + 1
+"""Logical CPUs for the local Ray. One more than the gradient actor holds: with num_cpus=2 the actor pool
+takes both and Ray Data's repartition task in front of it is never scheduled (Stage II hangs at 0 rows)."""
 
 
 def emit(record: dict) -> None:
@@ -153,7 +158,7 @@ def main() -> None:
     from gs_ray.config import load_config
     from gs_ray.pipeline import run_stages
 
-    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]", "grads.num_cpus_per_actor=2"]
+    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]", f"grads.num_cpus_per_actor={GRAD_ACTOR_CPUS}"]
     if args.quick:
         base.append(f"warmup.max_steps={QUICK_WARMUP_STEPS}")
     cfg = load_config("demo", [*base, *args.overrides])
@@ -161,7 +166,7 @@ def main() -> None:
           "lora_r": cfg.lora.r, "target_modules": list(cfg.lora.target_modules), "warmup_steps": cfg.warmup.max_steps,
           "cluster_center": cfg.cluster.center})
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING)
     try:
         started = time.time()
         manifests = run_stages(cfg, "cluster")
