@@ -109,7 +109,11 @@ def _gradient_pass(cfg: Config, ds: ray.data.Dataset, adapter_dir: str, mode: st
         GradientWorker,
         fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor},
         batch_size=grads.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=grads.concurrency),
+        # One batch at a time per actor, in order: its centroid replica and caches are
+        # sequential state, and the stream's result must not depend on scheduling.
+        compute=ray.data.ActorPoolStrategy(
+            size=grads.concurrency, max_tasks_in_flight_per_actor=1, max_concurrent_calls_per_actor=1
+        ),
         num_cpus=grads.num_cpus_per_actor, num_gpus=grads.num_gpus_per_actor,
     )
     return mapped.iter_batches(batch_format="pyarrow", batch_size=None)
