@@ -95,26 +95,18 @@ def gradient_seconds_per_sample(batches: int) -> dict:
     """Seconds per sample of PerSampleGradients on the demo model (SmolLM2-135M), after one untimed batch."""
     import torch
 
+    from grads import random_batches  # benchmarks/grads.py, beside this script
+
     from gs_ray.config import load_config
-    from gs_ray.data import IGNORE_INDEX, pad_batch
     from gs_ray.grads import PerSampleGradients
     from gs_ray.models import attach_lora, load_base_model
 
     cfg = load_config("demo")
     model = attach_lora(load_base_model(cfg.model), cfg.lora)
     grads = PerSampleGradients(model)
-    rng = np.random.default_rng(0)
-    pad_id = model.config.pad_token_id or 0
-
-    def batch() -> dict:
-        rows = []
-        for _ in range(cfg.grads.batch_size):
-            ids = rng.integers(0, model.config.vocab_size, SEQ_LEN).tolist()
-            rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (SEQ_LEN // 2) + ids[SEQ_LEN // 2 :]})
-        return pad_batch(rows, pad_id)
-
-    grads(batch())  # warm-up: allocator, kernels
-    inputs = [batch() for _ in range(batches)]
+    half = SEQ_LEN // 2  # prompt and reply of exactly half the tokens each
+    warm, *inputs = random_batches(batches + 1, cfg.grads.batch_size, model.config.vocab_size, 0, (half, half + 1))
+    grads(warm)  # warm-up: allocator, kernels
     start = time.perf_counter()
     for item in inputs:
         out = grads(item)

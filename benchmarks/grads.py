@@ -35,9 +35,11 @@ LORA_INIT_STD = 0.02
 """Std of the random LoRA weights (B must be nonzero or every A gradient is zero)."""
 
 
-def _batches(count: int, batch_size: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def random_batches(count: int, batch_size: int, vocab: int, seed: int,
+                   prompt_tokens: tuple[int, int] = PROMPT_TOKENS) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of random token ids; prompt and reply lengths drawn from [low, high)."""
     generator = torch.Generator().manual_seed(seed)
-    low, high = PROMPT_TOKENS
+    low, high = prompt_tokens
     batches = []
     for _ in range(count):
         rows = []
@@ -68,7 +70,7 @@ def measure(model_name: str, batch_size: int, num_batches: int, repeats: int, de
     with torch.no_grad():
         for _, param in lora_parameters(model):
             param.normal_(0, LORA_INIT_STD)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in _batches(num_batches, batch_size, model.config.vocab_size, 0)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in random_batches(num_batches, batch_size, model.config.vocab_size, 0)]
     per_sample = PerSampleGradients(model)
     figures = {}
     figures["per_sample"], fast = _timed(per_sample, batches, repeats)

@@ -78,14 +78,10 @@ def _train_expert(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]
     return {**outcome.metrics, "started_at": started, "ended_at": time.time()}
 
 
-def _plan(cfg: Config, cluster_dir: Path) -> tuple[list[int], list[dict[str, Any]]]:
-    from safetensors.numpy import load_file
-
-    clusters = pq.read_table(cluster_dir / "assignments.parquet", columns=["cluster"])["cluster"].to_numpy()
-    centroids = load_file(str(cluster_dir / "centroids.safetensors"))["centroids"]
+def _plan(cfg: Config, clusters: np.ndarray, centroids: np.ndarray) -> tuple[list[int], list[dict[str, Any]]]:
     sizes = np.bincount(clusters, minlength=len(centroids)).tolist()
     expert_of_cluster, kept = merge_small_clusters(sizes, centroids, cfg.experts.min_cluster_size)
-    members = [[k for k, e in enumerate(expert_of_cluster) if e == expert] for expert in range(max(expert_of_cluster) + 1)]
+    members = [[k for k, e in enumerate(expert_of_cluster) if e == expert] for expert in range(len(kept))]
     expert_sizes = [sum(sizes[k] for k in group) for group in members]
     steps = expert_steps(expert_sizes, cfg.experts)
     plan = [{"expert": e, "clusters": group, "train_samples": expert_sizes[e], "steps": steps[e]} for e, group in enumerate(members)]
@@ -96,22 +92,30 @@ def _plan(cfg: Config, cluster_dir: Path) -> tuple[list[int], list[dict[str, Any
     return expert_of_cluster, plan
 
 
-def _ids_by_expert(table_path: Path, expert_of_cluster: list[int], experts: int) -> list[list[str]]:
-    table = pq.read_table(table_path, columns=["sample_id", "cluster"]).to_pylist()
+def _ids_by_expert(assignments: dict[str, list], expert_of_cluster: list[int], experts: int) -> list[list[str]]:
+    """Sample ids of each expert, from assignment columns (sample_id, cluster)."""
     grouped: list[list[str]] = [[] for _ in range(experts)]
-    for row in table:
-        grouped[expert_of_cluster[row["cluster"]]].append(row["sample_id"])
+    for sample_id, cluster in zip(assignments["sample_id"], assignments["cluster"]):
+        grouped[expert_of_cluster[cluster]].append(sample_id)
     return grouped
+
+
+def _read_assignments(path: Path) -> dict[str, list]:
+    return pq.read_table(path, columns=["sample_id", "cluster"]).to_pydict()
 
 
 def train_experts(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     """Write expert-<e>/{adapter, train, eval, train_metrics.json} per expert and experts.json."""
     from gs_ray.train import TrainJob
 
+    from safetensors.numpy import load_file
+
     cluster_dir, data_dir = run.stage_dir("cluster"), run.stage_dir("data")
-    expert_of_cluster, plan = _plan(cfg, cluster_dir)
-    train_ids = _ids_by_expert(cluster_dir / "assignments.parquet", expert_of_cluster, len(plan))
-    eval_ids = _ids_by_expert(cluster_dir / "eval_assignments.parquet", expert_of_cluster, len(plan))
+    assignments = _read_assignments(cluster_dir / "assignments.parquet")
+    centroids = load_file(str(cluster_dir / "centroids.safetensors"))["centroids"]
+    expert_of_cluster, plan = _plan(cfg, np.asarray(assignments["cluster"]), centroids)
+    train_ids = _ids_by_expert(assignments, expert_of_cluster, len(plan))
+    eval_ids = _ids_by_expert(_read_assignments(cluster_dir / "eval_assignments.parquet"), expert_of_cluster, len(plan))
     expert_cfg = _expert_config(cfg)
     jobs = []
     for entry in plan:

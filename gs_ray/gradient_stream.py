@@ -76,7 +76,7 @@ class GradientWorker:
         if self.centroids is None:
             self.centroids = np.stack([changed[k] for k in sorted(changed)])
             self.features = GradientFeatures(mean)
-            self.caches = ClusterCaches(*self.centroids.shape[:1], self.cache_size, self.centroids.shape[1])
+            self.caches = ClusterCaches(len(self.centroids), self.cache_size, self.centroids.shape[1])
         for k, row in changed.items():
             self.centroids[k] = row
         self.version = version
@@ -150,10 +150,10 @@ def fit_on_validation(cfg: Config, data_dir: Path, adapter_dir: str, scratch: Pa
         matrix = None
         filled = 0
         for batch in _gradient_pass(cfg, ray.data.from_items(rows), adapter_dir, "gradients"):
-            block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False)) if batch.num_rows else None
-            if block is None:
+            if not batch.num_rows:
                 continue
-            if matrix is None:
+            block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False))
+            if matrix is None:  # d is known once the first gradients arrive
                 matrix = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(len(rows), block.shape[1]))
             matrix[filled : filled + len(block)] = block
             filled += len(block)

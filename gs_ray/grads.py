@@ -19,22 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from gs_ray.data import IGNORE_INDEX
 from gs_ray.models import lora_parameters
+from gs_ray.train import token_losses
 
 WEIGHT_SUFFIX = ".weight"
 
 
-def per_sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy averaged over each sample's target tokens: shape (batch,)."""
-    targets = labels[:, 1:]
-    token_losses = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(targets.shape)
-    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_losses.sum(dim=1) / counts
+    losses, mask = token_losses(model, batch)
+    return losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
 def _lora_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -80,13 +75,11 @@ class PerSampleGradients:
 
         handles = [module.register_forward_hook(keep(name)) for name, module in self.linears]
         try:
-            logits = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits
+            losses = per_sample_mean_loss(self.model, batch)
         finally:
             for handle in handles:
                 handle.remove()
-        return per_sample_mean_loss(logits, batch["labels"]), captured
+        return losses, captured
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {key: value.to(self.device) for key, value in batch.items()}
@@ -115,9 +108,7 @@ def reference_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
         length = int(batch["attention_mask"][i].sum())
         sample = {key: value[i : i + 1, :length] for key, value in batch.items()}
         with torch.enable_grad():
-            logits = model(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"], use_cache=False).logits
-            loss = per_sample_mean_loss(logits, sample["labels"])[0]
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(per_sample_mean_loss(model, sample)[0], params)
         rows.append(torch.cat([grad.float().flatten() for grad in grads]))
     return torch.stack(rows)
 
@@ -126,5 +117,4 @@ def batched_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     """One plain forward+backward of the whole batch (summed LoRA gradients only): the speed limit."""
     params = [param for _, param in lora_parameters(model)]
     with torch.enable_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return torch.autograd.grad(per_sample_mean_loss(logits, batch["labels"]).sum(), params)
+        return torch.autograd.grad(per_sample_mean_loss(model, batch).sum(), params)

@@ -102,14 +102,23 @@ def learning_rate_factor(step: int, warmup_steps: int, max_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy at every position (0 where there is no target) and the target mask.
+
+    Both are (batch, tokens - 1). Training sums them; Stage II averages them per sample.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+    return losses, targets != IGNORE_INDEX
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over target tokens, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (targets != IGNORE_INDEX).sum()
+    losses, mask = token_losses(model, batch)
+    return losses.sum(), mask.sum()
 
 
 def samples_digest(sample_ids: Iterable[str]) -> str:
