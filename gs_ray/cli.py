@@ -5,8 +5,10 @@
     gs-ray warmup  ...   # Stage I: the warm-up LoRA (runs `data` first if it is stale)
     gs-ray cluster ...   # Stage II: gradients streamed past the clustering actor -> assignments
     gs-ray experts ...   # Stage III: K expert LoRAs, trained concurrently
-    gs-ray router  ...   # Stage III: the request router
+    gs-ray router  ...   # Stage III: the request router (`run` stops here)
+    gs-ray evaluate ...  # held-out loss per source: base, one LoRA, routed experts, oracle routing
     gs-ray config  ...   # print the resolved config with every field's documentation
+    gs-ray serve   [--run-dir DIR] [--config ...] [--once TEXT]   # serve a finished run over HTTP
 
 Every stage subcommand brings its prerequisites up to date and skips what is current.
 Problems the user can fix (config, data, models) print one `error:` line and exit 2.
@@ -18,19 +20,23 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from gs_ray.config import Config, describe, load_config, preset_names
 from gs_ray.errors import GsRayError
-from gs_ray.pipeline import STAGES, RunDir, run_stages
+from gs_ray.pipeline import RUN_LAST_STAGE, STAGES, RunDir, run_stages
 
 EXIT_USER_ERROR = 2
+SERVE_POLL_S = 1.0
+"""How often `gs-ray serve` wakes while it waits for Ctrl-C."""
 STAGE_HELP = {
     "data": "read, validate, tokenize and split the data",
     "warmup": "Stage I: train the warm-up LoRA",
     "cluster": "Stage II: per-sample LoRA gradients, K, and online clustering of the training split",
     "experts": "Stage III: one LoRA expert per cluster, trained in parallel",
     "router": "Stage III: the encoder router that picks one expert per request",
+    "evaluate": "held-out loss per source: base, one LoRA (same total steps), routed experts, oracle routing",
 }
 
 
@@ -58,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--force", action="store_true", help="rebuild this stage even if it is up to date")
     show = commands.add_parser("config", help="print the resolved config with field documentation")
     _add_config_arguments(show)
+    serve = commands.add_parser(
+        "serve", help="serve a finished run: OpenAI-compatible HTTP on Ray Serve",
+        description="Serve the run's router and experts. Model settings come from the run's config.yaml; "
+                    "the serve section from --config if given, else from the run; overrides apply to both.")
+    _add_config_arguments(serve)
+    serve.add_argument("--once", metavar="TEXT", default=None,
+                       help="send one routed chat request, print the answer and the expert chosen, then stop")
     return parser
 
 
@@ -82,6 +95,7 @@ ARTIFACTS = {
     "cluster": "cluster/assignments.parquet, cluster/spectrum.png, cluster/cluster_sizes.png",
     "experts": "experts/expert-<e>/adapter (PEFT), experts/experts.json",
     "router": "router/router, router/router_metrics.json",
+    "evaluate": "evaluate/evaluation.json, evaluate/single-lora/adapter",
 }
 """What each stage wrote that users reach for, relative to the run dir."""
 
@@ -97,6 +111,36 @@ def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
             print(f"    {name:<8} {ARTIFACTS[name]}")
 
 
+def serve_run(args: argparse.Namespace, run_dir: str) -> int:
+    """`gs-ray serve`: deploy the run, then answer one request (--once) or wait for Ctrl-C."""
+    from ray import serve
+
+    from gs_ray.serve import API_KEY_ENV, finished_run_experts, load_run_config, start
+    from gs_ray.serve_client import ServeRequestError, chat, describe_answer
+
+    cfg = load_run_config(run_dir, args.config, list(args.overrides))
+    finished_run_experts(cfg.run.run_dir)  # a clear error before any Ray process starts
+    _init_ray(cfg)
+    url = start(cfg, quiet=args.once is not None)
+    print(f"[serve] {url} serves {cfg.run.run_dir} (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
+          flush=True)
+    try:
+        if args.once is not None:
+            print(f"question: {args.once}")
+            print(describe_answer(chat(url, args.once, api_key=os.environ.get(API_KEY_ENV))), flush=True)
+            return 0
+        print("[serve] Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(SERVE_POLL_S)
+    except KeyboardInterrupt:
+        return 0
+    except ServeRequestError as exc:
+        print(f"gs-ray: error: the request failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        serve.shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -105,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             print(describe(cfg), end="")
             return 0
+        if args.command == "serve":
+            return serve_run(args, cfg.run.run_dir)
         _init_ray(cfg)
-        last = list(STAGES)[-1] if args.command == "run" else args.command
+        last = RUN_LAST_STAGE if args.command == "run" else args.command
         manifests = run_stages(cfg, last, force=getattr(args, "force", False))
         print_summary(cfg, manifests)
         return 0

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SPLITS = ("warmup", "val", "train", "eval")
+UNUSED = "unused"
+"""Split of the samples that data.sample_fraction leaves out: counted, never written."""
 BUILTIN_MIX: str = str(Path(__file__).parent / "resources" / "builtin_mix.jsonl")
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (prompt and padding); what torch's cross-entropy skips."""
@@ -130,10 +132,18 @@ def _assemble(prompt_ids: list[int], reply_ids: list[int], cfg: DataConfig) -> d
 # ---------------------------------------------------------------- splits and files
 
 
+def _unit_hash(seed: int, salt: str, sample_id: str) -> float:
+    """A number in [0, 1) from a hash of (seed, salt, sample_id): stable across reads and file order."""
+    digest = hashlib.sha256(f"{seed}\x00{salt}{sample_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:HASH_BYTES], "big") / 2 ** (8 * HASH_BYTES)
+
+
 def split_of(sample_id: str, cfg: DataConfig, seed: int) -> str:
-    """warmup | val | eval | train from a hash of (seed, sample_id): stable across reads and file order."""
-    digest = hashlib.sha256(f"{seed}\x00{sample_id}".encode("utf-8")).digest()
-    u = int.from_bytes(digest[:HASH_BYTES], "big") / 2 ** (8 * HASH_BYTES)
+    """warmup | val | eval | train (or unused, outside data.sample_fraction) from hashes of (seed, sample_id)."""
+    # An independent draw, so the splits of the samples kept keep their configured shares.
+    if cfg.sample_fraction < 1 and _unit_hash(seed, "sample\x00", sample_id) >= cfg.sample_fraction:
+        return UNUSED
+    u = _unit_hash(seed, "", sample_id)
     for name, bound in (("warmup", cfg.warmup_fraction), ("val", cfg.val_fraction), ("eval", cfg.eval_fraction)):
         if u < bound:
             return name
@@ -363,6 +373,10 @@ def prepare_data(cfg: Config, out_dir: str) -> dict:
     (count and first examples as `<file>:<line>: <reason>`) and token statistics.
     """
     samples, bad, files = _read_checked(cfg.data, cfg.run.seed)
+    left_out = 0
+    if cfg.data.sample_fraction < 1:
+        left_out = samples.filter(expr=col("split") == UNUSED).count()
+        samples = samples.filter(expr=col("split") != UNUSED)
     tokenized = tokenize_samples(samples, cfg.model, cfg.data).materialize()
     stats = _fetch(tokenized, _STATS_COLUMNS)
     overlong = [(r["source"], r["error"]) for r in stats.filter(pc.not_equal(stats["error"], "")).to_pylist()]
@@ -373,7 +387,7 @@ def prepare_data(cfg: Config, out_dir: str) -> dict:
         if len(stats) == 0:
             raise DataError(f"no usable samples: all {len(overlong)} are longer than data.max_seq_len={cfg.data.max_seq_len}")
     tokenized = tokenized.drop_columns(["error"])
-    summary = _summary(stats, files, bad + overlong)
+    summary = _summary(stats, files, bad + overlong) | {"left_out_by_sample_fraction": left_out}
     for split in SPLITS:
         target = Path(out_dir) / split
         target.mkdir(parents=True, exist_ok=True)

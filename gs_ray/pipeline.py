@@ -247,13 +247,30 @@ def _describe_router(summary: dict[str, Any]) -> str:
             if accuracy is not None else "trained (no holdout)")
 
 
+def _build_evaluate(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
+    from gs_ray.evaluate import evaluate_run
+
+    return evaluate_run(cfg, run, staging)
+
+
+def _describe_evaluate(summary: dict[str, Any]) -> str:
+    losses = ", ".join(f"{method} {result['loss']:.3f}" for method, result in summary["methods"].items())
+    wins = summary["routed_beats_single_lora_on"]
+    return (f"held-out loss per token: {losses}; routed beats one LoRA on {len(wins)}/{len(summary['sources'])} "
+            f"sources; router accuracy {summary['router_accuracy']:.3f}")
+
+
 DATA = Stage("data", ("model", "data"), (), _build_data, _describe_data)
 WARMUP = Stage("warmup", ("model", "lora", "train", "warmup"), ("data",), _build_warmup, _describe_warmup)
 CLUSTER = Stage("cluster", ("model", "grads", "cluster"), ("data", "warmup"), _build_cluster, _describe_cluster)
 EXPERTS = Stage("experts", ("model", "lora", "train", "experts"), ("data", "warmup", "cluster"), _build_experts, _describe_experts)
 ROUTER = Stage("router", ("router",), ("data", "cluster", "experts"), _build_router, _describe_router)
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER, EXPERTS, ROUTER)}
+EVALUATE = Stage("evaluate", ("model", "lora", "train", "experts"), ("data", "warmup", "cluster", "experts", "router"),
+                 _build_evaluate, _describe_evaluate)
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER, EXPERTS, ROUTER, EVALUATE)}
 """Every stage, in pipeline order."""
+RUN_LAST_STAGE = "router"
+"""Where `gs-ray run` stops: evaluation trains a baseline too, so it runs when asked (`gs-ray evaluate`)."""
 
 
 def run_stages(cfg: Config, last: str, *, force: bool = False) -> dict[str, dict[str, Any]]:

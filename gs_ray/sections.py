@@ -92,12 +92,16 @@ class DataConfig:
     """Share of samples in the validation split (choosing K, initial centroids)."""
     eval_fraction: float = 0.05
     """Share of samples held out for evaluation; never trained on. The rest is the train split."""
+    sample_fraction: float = 1.0
+    """Share of the valid samples used at all, drawn by a seeded hash of each id (the rest are counted, not read
+    further): below 1 for a quick run on a large corpus. The split shares apply to the samples kept."""
 
     def __post_init__(self) -> None:
         _check_choice(self.schema, SCHEMAS, "data.schema")
         _check_choice(self.overlong, ("error", "truncate"), "data.overlong")
         _check_choice(self.on_bad_row, ("error", "skip"), "data.on_bad_row")
         _check(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
+        _check(0 < self.sample_fraction <= 1, "data.sample_fraction", f"must be in (0, 1], got {self.sample_fraction}")
         for name in ("warmup_fraction", "val_fraction", "eval_fraction"):
             _check_fraction(getattr(self, name), f"data.{name}", allow_zero=False)
         held_out = self.warmup_fraction + self.val_fraction + self.eval_fraction
@@ -282,12 +286,59 @@ class ServeConfig:
     num_replicas: int = 1
     """Expert replicas (each holds one base model and multiplexes adapters)."""
     max_adapters_per_replica: int = 8
-    """LoRA adapters kept loaded per replica (LRU)."""
+    """Multiplexed models kept loaded per expert replica (LRU): each `expert-<k>` is one LoRA; `ensemble` holds all K."""
+    num_cpus_per_replica: float = 1.0
+    """CPUs reserved per expert replica (torch uses as many threads)."""
+    num_gpus_per_replica: float = 0.0
+    """GPUs per expert replica; 0 serves on CPU."""
+    autoscale_min_replicas: int = 0
+    """Fewest expert replicas under autoscaling (0 scales to zero when idle)."""
+    autoscale_max_replicas: int = 0
+    """Most expert replicas under autoscaling; 0 disables autoscaling (a fixed num_replicas)."""
+    autoscale_target_ongoing_requests: float = 8.0
+    """Requests in flight per expert replica that autoscaling aims for."""
+    router_replicas: int = 1
+    """Router replicas (each holds the encoder and head)."""
+    router_num_cpus: float = 0.5
+    """CPUs reserved per router replica."""
+    ingress_replicas: int = 1
+    """HTTP ingress replicas (validation, tokenization, fan-out to router and experts)."""
+    ingress_num_cpus: float = 0.0
+    """CPUs reserved per ingress replica; it mostly waits on the router and experts, so none by default."""
+    max_ongoing_requests: int = 64
+    """Requests one replica of any deployment accepts at once; more wait in the Serve proxy."""
+    batch_max_size: int = 8
+    """Most requests for one model that share a forward pass per decoding step (`@serve.batch`)."""
+    batch_wait_timeout_s: float = 0.005
+    """How long a replica waits for a batch to fill before it starts decoding."""
+    router_batch_max_size: int = 32
+    """Most requests the router embeds in one encoder pass."""
+    router_batch_wait_timeout_s: float = 0.0
+    """How long the router waits for company; 0 embeds whatever has queued (its pass is short)."""
+    default_max_tokens: int = 128
+    """Tokens generated when a request gives no max_tokens."""
+    max_tokens_limit: int = 1024
+    """Largest max_tokens a request may ask for; more is a 400 error."""
+    max_prompt_tokens: int = 2048
+    """Longest prompt (tokens, after the chat template) a request may send; longer is a 400 error."""
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "serve.port", f"must be a TCP port, got {self.port}")
-        _check(self.num_replicas >= 1, "serve.num_replicas", "must be >= 1")
-        _check(self.max_adapters_per_replica >= 1, "serve.max_adapters_per_replica", "must be >= 1")
+        for name in ("num_replicas", "max_adapters_per_replica", "router_replicas", "ingress_replicas",
+                     "max_ongoing_requests", "batch_max_size", "router_batch_max_size", "default_max_tokens",
+                     "max_tokens_limit", "max_prompt_tokens"):
+            _check(getattr(self, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(min(self.num_cpus_per_replica, self.num_gpus_per_replica, self.router_num_cpus, self.ingress_num_cpus) >= 0,
+               "serve.num_cpus_per_replica", "CPU and GPU reservations must be >= 0")
+        _check(min(self.batch_wait_timeout_s, self.router_batch_wait_timeout_s) >= 0, "serve.batch_wait_timeout_s",
+               "batch waits must be >= 0")
+        _check(self.default_max_tokens <= self.max_tokens_limit, "serve.default_max_tokens",
+               f"must be <= serve.max_tokens_limit={self.max_tokens_limit}, got {self.default_max_tokens}")
+        _check(self.autoscale_max_replicas == 0 or self.autoscale_max_replicas >= max(1, self.autoscale_min_replicas),
+               "serve.autoscale_max_replicas",
+               f"must be 0 (fixed replicas) or >= max(1, autoscale_min_replicas), got {self.autoscale_max_replicas}")
+        _check(self.autoscale_min_replicas >= 0, "serve.autoscale_min_replicas", "must be >= 0")
+        _check(self.autoscale_target_ongoing_requests > 0, "serve.autoscale_target_ongoing_requests", "must be > 0")
 
 
 @dataclass

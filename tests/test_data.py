@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from gs_ray import data, schemas
 from gs_ray.config import Config, DataConfig, ModelConfig, RunConfig
-from gs_ray.errors import DataError
+from gs_ray.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
 BAD = DATA / "bad"
@@ -130,6 +130,17 @@ def test_split_fractions_and_seed():
     assert splits == [data.split_of(i, cfg, seed=3) for i in ids]
     changed = sum(a != b for a, b in zip(splits, (data.split_of(i, cfg, seed=4) for i in ids)))
     assert changed > len(ids) // 4
+
+
+def test_sample_fraction_keeps_a_seeded_share_and_their_splits():
+    ids = [f"sample-{i}" for i in range(2000)]
+    full = [data.split_of(i, DataConfig(), seed=3) for i in ids]
+    half = [data.split_of(i, DataConfig(sample_fraction=0.5), seed=3) for i in ids]
+    kept = [i for i, split in enumerate(half) if split != data.UNUSED]
+    assert abs(len(kept) / len(ids) - 0.5) < 0.035
+    assert all(half[i] == full[i] for i in kept)  # a kept sample lands in the split it always had
+    with pytest.raises(ConfigError, match="data.sample_fraction"):
+        DataConfig(sample_fraction=0)
 
 
 def test_splits_do_not_depend_on_file_order(ray_start_4_cpus, tmp_path):
@@ -357,3 +368,13 @@ def test_prepare_data_writes_every_split(prepared, tokenizer):
     assert row["num_tokens"] == len(row["input_ids"]) <= cfg.data.max_seq_len
     assert summary["tokens"]["num_tokens"]["max"] <= cfg.data.max_seq_len
 
+
+
+def test_prepare_data_counts_what_sample_fraction_leaves_out(ray_start_4_cpus, tokenizer_dir, tmp_path):
+    cfg = Config(model=ModelConfig(name=tokenizer_dir), data=DataConfig(sample_fraction=0.3, max_seq_len=LONG_MAX_SEQ_LEN,
+                                                                        overlong="truncate"))
+    summary = data.prepare_data(cfg, str(tmp_path))
+    kept = sum(summary["rows"].values())
+    assert kept + summary["left_out_by_sample_fraction"] == 900
+    assert 0.25 < kept / 900 < 0.35
+    assert len(data.load_split(str(tmp_path / "train"))) == summary["rows"]["train"]
