@@ -53,6 +53,7 @@ EVALUATION_FILE = "evaluation.json"
 
 def _train_single_lora(cfg: Config, run: Any, staging: Path, steps: int) -> dict[str, Any]:
     """The baseline through the same loop as warm-up and experts: all training samples, the same total steps."""
+    from gs_ray.experts import expert_init_adapter
     from gs_ray.train import TrainJob, run_training
 
     data_dir = run.stage_dir("data")
@@ -64,7 +65,7 @@ def _train_single_lora(cfg: Config, run: Any, staging: Path, steps: int) -> dict
         storage_path=run.ray_train_storage,
         max_steps=steps,
         learning_rate=cfg.experts.learning_rate,
-        init_adapter=str(run.stage_dir("warmup") / "adapter") if cfg.experts.init == "warmup" else "",
+        init_adapter=expert_init_adapter(cfg, run),
         seed=cfg.run.seed,
     )
     return run_training(cfg, job).metrics
@@ -115,12 +116,10 @@ def _per_source(rows: list[dict], choice: list[str], losses: dict[str, dict]) ->
     return {"loss": per_token.pop("all"), "per_source": dict(sorted(per_token.items()))}
 
 
-def _routes(cfg: Config, run: Any, rows: list[dict]) -> tuple[list[int], list[int]]:
+def _routes(run: Any, rows: list[dict], expert_of_cluster: list[int]) -> tuple[list[int], list[int]]:
     """Expert of every held-out row: the router's pick, and its own cluster's (oracle)."""
-    from gs_ray.experts import EXPERTS_FILE
     from gs_ray.router import Router, request_text
 
-    expert_of_cluster = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())["expert_of_cluster"]
     assigned = pq.read_table(run.stage_dir("cluster") / "eval_assignments.parquet", columns=["sample_id", "cluster"])
     cluster_of = dict(zip(assigned["sample_id"].to_pylist(), assigned["cluster"].to_pylist()))
     router = Router.load(run.stage_dir("router") / "router")
@@ -138,15 +137,16 @@ def evaluate_run(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     rows = load_split(str(run.stage_dir("data") / "eval"))
     if not rows:
         raise DataError("the eval split is empty: nothing to evaluate (raise data.eval_fraction)")
-    experts = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())["experts"]
+    record = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())
+    experts = record["experts"]
     steps = sum(expert["steps"] for expert in experts)
     single = _train_single_lora(cfg, run, staging, steps)
-    routed, oracle = _routes(cfg, run, rows)
+    routed, oracle = _routes(run, rows, record["expert_of_cluster"])
     choices = {"base": [BASE] * len(rows), "single_lora": [SINGLE_LORA] * len(rows),
                "routed": [f"expert-{e}" for e in routed], "oracle": [f"expert-{e}" for e in oracle]}
     adapters = {f"expert-{e['expert']}": str(run.stage_dir("experts") / f"expert-{e['expert']}" / "adapter") for e in experts}
     adapters[SINGLE_LORA] = str(staging / SINGLE_LORA / "adapter")
-    needed: dict[str, list[dict]] = {}
+    needed: dict[str, dict[str, dict]] = {}  # adapter -> the rows it must score, by sample_id
     for choice in choices.values():
         for row, adapter in zip(rows, choice):
             needed.setdefault(adapter, {})[row["sample_id"]] = row

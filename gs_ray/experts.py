@@ -68,6 +68,11 @@ def _expert_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=train)
 
 
+def expert_init_adapter(cfg: Config, run: Any) -> str:
+    """Where every expert (and the one-LoRA baseline that matches them) starts: the warm-up adapter, or "" for fresh."""
+    return str(run.stage_dir("warmup") / "adapter") if cfg.experts.init == "warmup" else ""
+
+
 @ray.remote(num_cpus=0)
 def _train_expert(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     """One expert's training job; the task only waits on Ray Train, so it reserves no CPU."""
@@ -131,7 +136,7 @@ def train_experts(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
             storage_path=run.ray_train_storage,
             max_steps=entry["steps"],
             learning_rate=cfg.experts.learning_rate,
-            init_adapter=str(run.stage_dir("warmup") / "adapter") if cfg.experts.init == "warmup" else "",
+            init_adapter=expert_init_adapter(cfg, run),
             seed=cfg.run.seed + 1 + entry["expert"],
         )
         jobs.append(_train_expert.remote(expert_cfg.to_dict(), dataclasses.asdict(job)))
