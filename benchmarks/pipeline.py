@@ -10,7 +10,7 @@ without --quick), `run_stages(cfg, "warmup")` for data/ and warmup/adapter, then
 split (a sorted prefix written to a scratch data dir that both sides read).
 
 Timed, on the same training rows, from the same fitted clusterer state:
-  - ray:   `assign_split(cfg, data_dir / "train", adapter_dir, actor, "stream")` with a fresh
+  - ray:   `assign_split(cfg, <data>/train, adapter_dir, actor, "stream")` with a fresh
            `ClusterActor` (started and ready before the clock starts), grads.concurrency=1,
            grads.num_cpus_per_actor=2. End to end: actor-pool startup (process start, imports,
            model + adapter load), read_parquet, repartition, gradients, clustering,
@@ -130,17 +130,15 @@ def prepare(args, tmp: Path):
         (bounded / "val").symlink_to(data_dir / "val")
         data_dir = bounded
     with gradient_stream._ordered_execution():
-        clusterer, fit = gradient_stream.fit_on_validation(cfg, data_dir, adapter_dir, tmp)
+        clusterer, fit = gradient_stream.fit_on_validation(cfg, str(data_dir), adapter_dir, tmp)
     setup = {"preset": preset, "model": cfg.model.name, "setup_s": round(time.perf_counter() - started, 1),
              "k": fit["k"], "dim": clusterer.dim, "val_samples": fit["val_samples"]}
     return cfg, data_dir, adapter_dir, clusterer.state_dict(), setup
 
 
 def _stream(cfg, data_dir: Path, adapter_dir: str, actor):
-    """The training split's stream pass: `assign_split` (or its former name, `stream_training_split`)."""
-    if hasattr(gradient_stream, "assign_split"):
-        return gradient_stream.assign_split(cfg, data_dir / "train", adapter_dir, actor, "stream")
-    return gradient_stream.stream_training_split(cfg, data_dir, adapter_dir, actor, "stream")
+    """The training split's stream pass, as Stage II runs it."""
+    return gradient_stream.assign_split(cfg, str(data_dir / "train"), adapter_dir, actor, "stream")
 
 
 def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:

@@ -9,6 +9,8 @@
     gs-ray evaluate ...  # held-out loss per source: base, one LoRA, routed experts, oracle routing
     gs-ray config  ...   # print the resolved config with every field's documentation
     gs-ray serve   [--run-dir DIR] [--config ...] [--once TEXT]   # serve a finished run over HTTP
+    gs-ray submit  STAGE --address http://HEAD:8265 [--working-dir DIR] [--no-wait] ...  # as a Ray job
+    gs-ray status|logs|stop JOB_ID --address http://HEAD:8265
 
 Every stage subcommand brings its prerequisites up to date and skips what is current.
 Problems the user can fix (config, data, models) print one `error:` line and exit 2.
@@ -71,7 +73,78 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(serve)
     serve.add_argument("--once", metavar="TEXT", default=None,
                        help="send one routed chat request, print the answer and the expert chosen, then stop")
+    _add_job_commands(commands)
     return parser
+
+
+SUBMITTABLE = ("run", *STAGES, "serve")
+DEFAULT_ENTRYPOINT_CPUS = 1.0
+"""The job's driver reserves one CPU: it plans stages and trains the router; the heavy work runs in workers."""
+
+
+def _add_job_commands(commands: argparse._SubParsersAction) -> None:
+    submit = commands.add_parser(
+        "submit", help="run a command (run, a stage, evaluate, serve) as a Ray job on a cluster, via the Jobs API",
+        description="Checks the config here, submits `python -m gs_ray.cli STAGE ...` to the cluster, follows its "
+                    "logs, and exits with the job's outcome. Run dirs on a remote cluster should be URIs "
+                    "(s3://, gs://) or paths on a filesystem every node mounts.")
+    stages = submit.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name in SUBMITTABLE:
+        stage = stages.add_parser(name, help=f"submit `gs-ray {name}`")
+        _add_config_arguments(stage)
+        _add_address_argument(stage)
+        stage.add_argument("--working-dir", default=None,
+                           help="upload this folder with the job and run its code (default: the cluster's gs_ray)")
+        stage.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the logs")
+        stage.add_argument("--entrypoint-num-cpus", type=float, default=DEFAULT_ENTRYPOINT_CPUS,
+                           help="CPUs reserved for the job's driver")
+        stage.add_argument("--entrypoint-num-gpus", type=float, default=0.0, help="GPUs reserved for the job's driver")
+    for name, what in (("status", "a submitted job's state"), ("logs", "a submitted job's logs"),
+                       ("stop", "stop a submitted job")):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("job_id", metavar="JOB_ID")
+        _add_address_argument(command)
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+
+def _add_address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray Jobs API address, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS)")
+
+
+def submit_job(args: argparse.Namespace) -> int:
+    """`gs-ray submit`: 0 when the job succeeded (or was only submitted, with --no-wait), else 1."""
+    from gs_ray import submit
+
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"run.run_dir={args.run_dir}")
+    jobs, job_id, run_dir = submit.submit(
+        args.stage, args.config, overrides, address=args.address, working_dir=args.working_dir,
+        entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus)
+    print(f"[submit] job {job_id}: gs-ray {args.stage}; results in {run_dir}", flush=True)
+    if args.no_wait:
+        print(f"[submit] follow with: gs-ray logs {job_id} --follow --address {submit.job_address(args.address)}")
+        return 0
+    status = submit.follow(jobs, job_id)
+    print(f"[submit] job {job_id} {status}; results in {run_dir}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def job_command(args: argparse.Namespace) -> int:
+    """`gs-ray status|logs|stop JOB_ID`."""
+    from gs_ray import submit
+
+    jobs = submit.client(args.address)
+    if args.command == "status":
+        print(submit.describe(jobs, args.job_id))
+    elif args.command == "logs":
+        submit.print_logs(jobs, args.job_id, args.follow)
+    else:
+        stopped = jobs.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -105,7 +178,7 @@ def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
     print("\n== gs-ray summary ==")
     for name, manifest in manifests.items():
         print(f"  {name:<8} {STAGES[name].describe(manifest['summary'])}  [{manifest['seconds']:.0f} s]")
-    print(f"  run dir  {run.root}")
+    print(f"  run dir  {run.location}" + (f" (local mirror {run.root})" if run.remote else ""))
     for name in manifests:
         if name in ARTIFACTS:
             print(f"    {name:<8} {ARTIFACTS[name]}")
@@ -145,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "submit":
+            return submit_job(args)
+        if args.command in ("status", "logs", "stop"):
+            return job_command(args)
         cfg = resolve_config(args)
         if args.command == "config":
             print(describe(cfg), end="")

@@ -76,23 +76,57 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("gs_ray.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
+"""The `<<` key: what it merges in may be overridden by the mapping's own keys."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, where PyYAML would keep the last silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != YAML_MERGE_TAG:
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line saying where in the text and what, instead of PyYAML's multi-line excerpt."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return "invalid YAML: " + " ".join(str(exc).split())
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     """Read a preset name or a YAML path; return the mapping and a label for errors."""
     if os.path.sep not in source and not source.endswith((".yaml", ".yml")):
         if source not in preset_names():
             raise ConfigError(f"unknown preset {source!r}; presets: {', '.join(preset_names())}, or give a YAML path")
-        text = resources.files("gs_ray.configs").joinpath(f"{source}.yaml").read_text()
+        text = resources.files("gs_ray.configs").joinpath(f"{source}.yaml").read_text(encoding="utf-8")
         label = f"preset {source}"
     else:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file not found: {source}")
-        text = path.read_text()
         label = str(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{label}: cannot read: {exc.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(f"{label}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{label}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{label}: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: top level must be a mapping of sections, got {type(data).__name__}")
     return data, label
@@ -145,7 +179,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r}: expected section.field=value, e.g. train.num_workers=2")
     section, name = key.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return {section: {name: value}}

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import Expr, col
 
-from gs_ray import schemas
+from gs_ray import schemas, storage
 from gs_ray.config import Config, DataConfig, ModelConfig
 from gs_ray.errors import DataError
 
@@ -198,6 +198,8 @@ def input_fingerprint(cfg: DataConfig) -> list[dict]:
 
 
 def _bad_row(source: str, reason: str, fatal: bool = False) -> dict:
+    # A reason may quote the input (a field name), and Arrow strings cannot hold what UTF-8 cannot encode.
+    reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"sample_id": "", "source": source, "messages": "", "response": "", "label": "", "split": "", "error": reason, "fatal": fatal}
 
 
@@ -295,7 +297,7 @@ def _read_checked(cfg: DataConfig, seed: int) -> tuple[ray.data.Dataset, list[tu
     bad = [(r["source"], r["error"]) for r in errors if not r["fatal"]] + duplicates
     _enforce(bad, fatal, cfg)
     if len(bad) == len(checks):
-        raise DataError(f"no usable samples in {', '.join(files)}: all {len(bad)} rows are bad")
+        raise DataError(f"no usable samples in {', '.join(files)}: all {len(bad)} rows are bad, first:\n{_examples_text(bad)}")
     good = parsed.filter(expr=_good_rows([source for source, _ in duplicates])) if bad else parsed
     return good.select_columns(list(NORMALIZED_COLUMNS)), bad, files
 
@@ -385,7 +387,8 @@ def prepare_data(cfg: Config, out_dir: str) -> dict:
         tokenized = tokenized.filter(expr=_good_rows([]))
         stats = stats.filter(pc.equal(stats["error"], ""))
         if len(stats) == 0:
-            raise DataError(f"no usable samples: all {len(overlong)} are longer than data.max_seq_len={cfg.data.max_seq_len}")
+            raise DataError(f"no usable samples: all {len(overlong)} are longer than data.max_seq_len="
+                            f"{cfg.data.max_seq_len}, first:\n{_examples_text(overlong)}")
     tokenized = tokenized.drop_columns(["error"])
     summary = _summary(stats, files, bad + overlong) | {"left_out_by_sample_fraction": left_out}
     for split in SPLITS:
@@ -402,11 +405,12 @@ def prepare_data(cfg: Config, out_dir: str) -> dict:
 
 
 def load_split(split_dir: str) -> list[dict]:
-    """Rows of one split written by prepare_data, sorted by sample_id (a stable order); no Ray needed."""
-    files = sorted(str(p) for p in Path(split_dir).rglob("*.parquet"))
+    """Rows of one split written by prepare_data (a path or URI), sorted by sample_id (a stable order); no Ray needed."""
+    fs, root = storage.resolve(split_dir)
+    files = sorted(f"{root}/{name}" for name in storage.file_sizes(split_dir) if name.endswith(".parquet"))
     if not files:
         return []
-    rows = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pylist()
+    rows = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files], promote_options="default").to_pylist()
     return sorted(rows, key=lambda row: row["sample_id"])
 
 

@@ -59,8 +59,8 @@ def _train_single_lora(cfg: Config, run: Any, staging: Path, steps: int) -> dict
     data_dir = run.stage_dir("data")
     job = TrainJob(
         name=f"{SINGLE_LORA}-{cfg.digest(['experts', 'train'])}-{run.manifest('experts')['digest']}",
-        train_split=str(data_dir / "train"),
-        eval_split=str(data_dir / "eval"),
+        train_split=run.shared(data_dir / "train"),
+        eval_split=run.shared(data_dir / "eval"),
         output_dir=str(staging / SINGLE_LORA),
         storage_path=run.ray_train_storage,
         max_steps=steps,

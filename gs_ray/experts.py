@@ -70,7 +70,7 @@ def _expert_config(cfg: Config) -> Config:
 
 def expert_init_adapter(cfg: Config, run: Any) -> str:
     """Where every expert (and the one-LoRA baseline that matches them) starts: the warm-up adapter, or "" for fresh."""
-    return str(run.stage_dir("warmup") / "adapter") if cfg.experts.init == "warmup" else ""
+    return run.shared(run.stage_dir("warmup") / "adapter") if cfg.experts.init == "warmup" else ""
 
 
 @ray.remote(num_cpus=0)
@@ -130,8 +130,8 @@ def train_experts(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
         job = TrainJob(
             # The cluster digest in the name: a re-clustered run never resumes another run's checkpoints.
             name=f"expert-{entry['expert']}-{cfg.digest(['experts', 'train'])}-{run.manifest('cluster')['digest']}",
-            train_split=str(folder / "train"),
-            eval_split=str(folder / "eval") if has_eval else "",
+            train_split=run.shared(folder / "train"),
+            eval_split=run.shared(folder / "eval") if has_eval else "",
             output_dir=str(folder),
             storage_path=run.ray_train_storage,
             max_steps=entry["steps"],

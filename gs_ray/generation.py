@@ -114,8 +114,10 @@ def sample(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tenso
         return greedy
     probs = torch.softmax(logprobs / temperature.clamp(min=MIN_TEMPERATURE)[:, None], dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
+    # Keep the smallest prefix whose mass reaches top_p, and always the most likely token: a top_p below
+    # float32's range arrives as 0, which would otherwise leave nothing to sample from.
     outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p[:, None]
+    outside[:, 0] = False
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     sampled = torch.multinomial(nucleus, 1, generator=generator).squeeze(-1)

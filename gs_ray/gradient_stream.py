@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from gs_ray import storage
 from gs_ray.cluster import ClusterActor, ClusterCaches, GradientFeatures, OnlineSVDClusterer, nearest_centroids
 from gs_ray.config import Config, config_from_dict
 from gs_ray.data import load_split, pad_batch
@@ -144,8 +145,8 @@ def _ordered_execution():
         context.execution_options.preserve_order = previous
 
 
-def _validation_rows(cfg: Config, data_dir: Path) -> list[dict]:
-    rows = load_split(str(data_dir / "val"))[: cfg.cluster.max_val_samples]
+def _validation_rows(cfg: Config, data: str) -> list[dict]:
+    rows = load_split(storage.join(data, "val"))[: cfg.cluster.max_val_samples]
     needed = (cfg.cluster.k or cfg.cluster.k_min) + 1
     if len(rows) < needed:
         raise DataError(
@@ -155,9 +156,9 @@ def _validation_rows(cfg: Config, data_dir: Path) -> list[dict]:
     return [{column: row[column] for column in INPUT_COLUMNS} for row in rows]
 
 
-def fit_on_validation(cfg: Config, data_dir: Path, adapter_dir: str, scratch: Path) -> tuple[OnlineSVDClusterer, dict]:
+def fit_on_validation(cfg: Config, data: str, adapter_dir: str, scratch: Path) -> tuple[OnlineSVDClusterer, dict]:
     """K and initial centroids from the validation gradients, held in a memory-mapped file only."""
-    rows = _validation_rows(cfg, data_dir)
+    rows = _validation_rows(cfg, data)
     clusterer = OnlineSVDClusterer(cfg.cluster, seed=cfg.run.seed)
     with tempfile.NamedTemporaryFile(dir=scratch, prefix=".val-gradients-", suffix=".f32") as handle:
         matrix = None
@@ -176,30 +177,33 @@ def fit_on_validation(cfg: Config, data_dir: Path, adapter_dir: str, scratch: Pa
     return clusterer, fit
 
 
-def assign_split(cfg: Config, split_dir: Path, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
+def assign_split(cfg: Config, split: str, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
     """sample_id, cluster, similarity, label for every sample of a split, sorted by sample_id."""
-    split = ray.data.read_parquet(str(split_dir), columns=INPUT_COLUMNS)
-    tables = [batch for batch in _gradient_pass(cfg, split, adapter_dir, mode, actor) if batch.num_rows]
+    rows = ray.data.read_parquet(split, columns=INPUT_COLUMNS)
+    tables = [batch for batch in _gradient_pass(cfg, rows, adapter_dir, mode, actor) if batch.num_rows]
     if not tables:
-        raise DataError(f"the split under {split_dir} is empty: nothing to assign")
+        raise DataError(f"the split under {split} is empty: nothing to assign")
     return pa.concat_tables(tables).sort_by("sample_id")
 
 
-def cluster_training_split(cfg: Config, data_dir: Path, adapter_dir: str, out_dir: Path) -> dict[str, Any]:
-    """Stage II: write assignments.parquet (train), eval_assignments.parquet, centroids.safetensors, spectrum.json, plots."""
+def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Path) -> dict[str, Any]:
+    """Stage II: write assignments.parquet (train), eval_assignments.parquet, centroids.safetensors, spectrum.json, plots.
+
+    `data` is the data stage's folder and `adapter_dir` the warm-up adapter, each a path or URI every node can read.
+    """
     from safetensors.numpy import save_file
 
     with _ordered_execution():
-        clusterer, fit = fit_on_validation(cfg, data_dir, adapter_dir, out_dir)
+        clusterer, fit = fit_on_validation(cfg, data, adapter_dir, out_dir)
         actor = (
             ray.remote(ClusterActor)
             .options(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
             .remote(cfg.cluster, clusterer.state_dict())
         )
-        streamed = assign_split(cfg, data_dir / "train", adapter_dir, actor, "stream")
-        final = assign_split(cfg, data_dir / "train", adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
+        streamed = assign_split(cfg, storage.join(data, "train"), adapter_dir, actor, "stream")
+        final = assign_split(cfg, storage.join(data, "train"), adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
         # Held-out samples against the final centroids: each one's own cluster (oracle routing, expert eval sets).
-        held_out = assign_split(cfg, data_dir / "eval", adapter_dir, actor, "assign")
+        held_out = assign_split(cfg, storage.join(data, "eval"), adapter_dir, actor, "assign")
         state = ray.get(actor.state_dict.remote())
         ray.kill(actor)
     assignments = final

@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gs_ray import storage
 from gs_ray.config import LoraConfig, ModelConfig
 from gs_ray.errors import ModelError
 
@@ -56,7 +57,7 @@ _LORA_PARAM = re.compile(r"\.lora_[AB]\.")
 
 def cache_root(cfg: ModelConfig) -> Path:
     """Where converted models live: cfg.cache_dir, else $GS_RAY_CACHE, else ~/.cache/gs_ray."""
-    return Path(cfg.cache_dir or os.environ.get("GS_RAY_CACHE") or Path.home() / ".cache" / "gs_ray").expanduser()
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else storage.cache_root()
 
 
 def packaged_path(package: str, relative: str) -> Path:
@@ -205,7 +206,7 @@ def load_adapter(base_model: PreTrainedModel | PeftModel, adapter_dir: str | Pat
     Given a PeftModel, the adapter is added under `adapter_name` next to those already
     loaded, which is how a serving replica holds several experts on one base model.
     """
-    path = Path(adapter_dir)
+    path = storage.local_copy(adapter_dir)
     missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (path / f).is_file()]
     if missing:
         raise ModelError(f"no LoRA adapter at {path}: missing {', '.join(missing)} (written by save_adapter)")

@@ -12,6 +12,7 @@ from a request ever becomes part of a file path.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -110,6 +111,22 @@ class CompletionRequest(_Request):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+def decode_body(raw: bytes) -> Any:
+    """The JSON value of a request body; anything that is not valid UTF-8 JSON text is a 400."""
+    try:
+        body = json.loads(raw)
+        # A JSON escape such as \ud800 decodes to a lone surrogate, which no tokenizer or UTF-8 response can hold.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body is not valid Unicode: it holds an unpaired surrogate escape "
+                            "such as \\ud800") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: values nested too deeply to read") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and json's limit on an integer's digits
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    return body
 
 
 def parse_request(schema: type[_Request], body: Any) -> _Request:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +25,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gs_ray import storage
 from gs_ray.config import Config
+from gs_ray.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+STAGING_SUFFIX = ".staging"
+MIRROR_DIRNAME = "runs"
+"""Folder under the cache root holding local mirrors of runs on object storage."""
 RAY_TRAIN_DIRNAME = "ray_train"
 """Ray Train storage inside the run dir: checkpoints outlive a killed driver."""
 VERSIONED_PACKAGES = ("gs_ray", "ray", "torch", "transformers", "peft", "deepspeed", "pyarrow")
@@ -84,26 +91,59 @@ def versions() -> dict[str, str]:
 
 
 class RunDir:
-    """The run directory: stage folders, their manifests, and Ray Train storage."""
+    """The run directory: stage folders, their manifests, and Ray Train storage.
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).absolute()
+    A run dir given as a URI (s3://, gs://) lives on object storage. Stages are built in a
+    local mirror (`root`) and pushed when complete, manifest last, so a stage on storage
+    either has a manifest and all its files or counts as missing. A stage that is current
+    on storage is pulled into the mirror, and its files checked against the manifest, before
+    a later stage reads it; Ray Train checkpoints go to storage directly.
+    """
+
+    def __init__(self, location: str | Path):
+        self.remote = str(location).rstrip("/") if storage.is_uri(location) else None
+        if self.remote:
+            key = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
+            self.root = storage.cache_root() / MIRROR_DIRNAME / key
+        else:
+            self.root = Path(location).absolute()
+
+    @property
+    def location(self) -> str:
+        """Where the run lives: the URI, or the local folder."""
+        return self.remote or str(self.root)
 
     def stage_dir(self, stage: str) -> Path:
+        """The stage's local folder (the mirror's, for a run on object storage)."""
         return self.root / stage
 
     @property
     def ray_train_storage(self) -> str:
-        return str(self.root / RAY_TRAIN_DIRNAME)
+        return storage.join(self.location, RAY_TRAIN_DIRNAME)
+
+    def shared(self, path: Path) -> str:
+        """A location of `path` (a folder in this run) that every node of the cluster can read.
+
+        Finished stages are on storage already; a folder still being built (in a staging
+        folder) is uploaded next to where the stage will land, and removed when it lands.
+        """
+        if not self.remote:
+            return str(path)
+        relative = path.relative_to(self.root).as_posix()
+        location = storage.join(self.remote, relative)
+        if relative.split("/", 1)[0].endswith(STAGING_SUFFIX):
+            storage.upload_tree(path, location)
+        return location
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
-        path = self.stage_dir(stage) / MANIFEST
-        if not path.is_file():
+        location = storage.join(self.location, stage, MANIFEST)
+        text = storage.read_text(location)
+        if text is None:
             return None
         try:
-            return json.loads(path.read_text())
+            return json.loads(text)
         except json.JSONDecodeError:
-            logger.warning("%s is corrupt; the stage will be rebuilt", path)
+            logger.warning("%s is corrupt; the stage will be rebuilt", location)
             return None
 
     def expected_inputs(self, cfg: Config, stage: Stage) -> dict[str, Any]:
@@ -122,6 +162,8 @@ class RunDir:
         manifest = self.manifest(stage.name)
         if manifest is None or manifest.get("inputs") != self.expected_inputs(cfg, stage):
             return False
+        if self.remote and not self._pull(stage.name, manifest):
+            return False
         actual = file_table(self.stage_dir(stage.name))
         if actual != manifest.get("files"):
             logger.warning("[%s] files differ from the manifest (truncated or edited); rebuilding", stage.name)
@@ -131,7 +173,7 @@ class RunDir:
     def build(self, cfg: Config, stage: Stage) -> dict[str, Any]:
         """Build a stage in a staging folder, write its manifest, and swap it into place."""
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".{stage.name}.staging"
+        staging = self.root / f".{stage.name}{STAGING_SUFFIX}"
         if staging.exists():
             shutil.rmtree(staging)  # left by a killed run; never read
         staging.mkdir()
@@ -157,11 +199,61 @@ class RunDir:
             os.replace(final, retired)
             shutil.rmtree(retired)
         os.replace(staging, final)
+        if self.remote:
+            self._push(stage.name)
         return manifest
+
+    def _push(self, stage: str) -> None:
+        """Upload a finished stage: old copy (manifest included) out first, new manifest last."""
+        location = storage.join(self.remote, stage)
+        storage.delete_tree(location)
+        storage.upload_tree(self.stage_dir(stage), location, exclude=(MANIFEST,))
+        storage.write_text(storage.join(location, MANIFEST), (self.stage_dir(stage) / MANIFEST).read_text())
+        storage.delete_tree(storage.join(self.remote, f".{stage}{STAGING_SUFFIX}"))
+
+    def _pull(self, stage: str, manifest: dict[str, Any]) -> bool:
+        """Bring the mirror's copy of a stage up to the one on storage; False if storage's copy is incomplete."""
+        location = storage.join(self.remote, stage)
+        expected_sizes = {name: entry["size"] for name, entry in manifest.get("files", {}).items()}
+        if {k: v for k, v in storage.file_sizes(location).items() if k != MANIFEST} != expected_sizes:
+            logger.warning("[%s] files on %s differ from its manifest; rebuilding", stage, location)
+            return False
+        mirrored = self.stage_dir(stage) / MANIFEST
+        if mirrored.is_file() and json.loads(mirrored.read_text()).get("digest") == manifest["digest"]:
+            return True
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Unique per process: serving replicas on one node may pull the same stage at once.
+        pulling = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{stage}.pulling-"))
+        storage.download_tree(location, pulling)
+        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        try:
+            os.replace(pulling, self.stage_dir(stage))
+        except OSError:  # another process placed the same stage first
+            shutil.rmtree(pulling, ignore_errors=True)
+        return True
+
+    def pull_finished(self, stages: tuple[str, ...]) -> Path:
+        """This run's local root with its config and `stages` present and checked; a run on storage is mirrored first."""
+        if not self.remote:
+            return self.root
+        for stage in stages:
+            manifest = self.manifest(stage)
+            if manifest is None or not self._pull(stage, manifest):
+                raise ModelError(f"{storage.join(self.remote, stage)} is not a finished stage (no manifest, or files "
+                                 f"missing); run `gs-ray run --run-dir {self.remote}` first")
+            if file_table(self.stage_dir(stage)) != manifest.get("files"):
+                raise ModelError(f"the copy of {storage.join(self.remote, stage)} does not match its manifest")
+        config = storage.read_text(storage.join(self.remote, CONFIG_FILE))
+        if config is None:
+            raise ModelError(f"{self.remote} has no {CONFIG_FILE}: not a gs-ray run directory")
+        _write_atomic(self.root / CONFIG_FILE, config)
+        return self.root
 
     def save_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / "config.yaml", cfg.to_yaml())
+        _write_atomic(self.root / CONFIG_FILE, cfg.to_yaml())
+        if self.remote:
+            storage.write_text(storage.join(self.remote, CONFIG_FILE), cfg.to_yaml())
 
 
 def _build_data(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
@@ -186,8 +278,8 @@ def _build_warmup(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     job = TrainJob(
         # The digest in the name keeps a changed config from resuming an old run's checkpoints.
         name=f"warmup-{cfg.digest(list(WARMUP.sections))}-{run.manifest('data')['digest']}",
-        train_split=str(data_dir / "warmup"),
-        eval_split=str(data_dir / "eval"),
+        train_split=run.shared(data_dir / "warmup"),
+        eval_split=run.shared(data_dir / "eval"),
         output_dir=str(staging),
         storage_path=run.ray_train_storage,
         max_steps=cfg.warmup.max_steps,
@@ -209,8 +301,8 @@ def _describe_warmup(summary: dict[str, Any]) -> str:
 def _build_cluster(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     from gs_ray.gradient_stream import cluster_training_split
 
-    adapter_dir = run.stage_dir("warmup") / "adapter"
-    return cluster_training_split(cfg, run.stage_dir("data"), str(adapter_dir), staging)
+    adapter = run.shared(run.stage_dir("warmup") / "adapter")
+    return cluster_training_split(cfg, run.shared(run.stage_dir("data")), adapter, staging)
 
 
 def _describe_cluster(summary: dict[str, Any]) -> str:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +57,35 @@ class RowError(ValueError):
 
 class FileError(ValueError):
     """Why a whole file cannot be used (an error even with on_bad_row=skip)."""
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice; json keeps only the last value, which would drop data silently."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> Record:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        repeated = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise _DuplicateKey(f"key {repeated!r} appears twice in one object")
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_LENIENT_DECODER = json.JSONDecoder()
+"""Finds where an element with a repeated key ends, so that a JSON array can be read past it."""
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Why a JSON text cannot become a record, whatever json raised."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} (column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: values nested too deeply to read"
+    if isinstance(exc, _DuplicateKey):
+        return str(exc)
+    # The only other ValueError json raises: an integer over Python's conversion limit.
+    return f"invalid JSON: a number with more than {sys.get_int_max_str_digits()} digits"
 
 
 # ---------------------------------------------------------------- files -> records
@@ -94,9 +125,9 @@ def _jsonl_records(path: str, data: bytes) -> Iterator[tuple[str, Record | None,
             yield location, None, f"invalid UTF-8 at byte {exc.start} of the line"
             continue
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield location, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            value = _DECODER.decode(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            yield location, None, _json_problem(exc)
             continue
         yield location, *_as_record(value)
 
@@ -108,21 +139,27 @@ def _json_array_records(path: str, data: bytes) -> Iterator[tuple[str, Record | 
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise FileError(f"invalid UTF-8 on line {line}") from None
-    decoder = json.JSONDecoder()
     position = text.index("[") + 1
     line, counted = 1, 0  # lines counted incrementally: recounting from 0 is quadratic in big files
     while True:
         position = _skip_space(text, position)
         line, counted = line + text.count("\n", counted, position), position
         if text.startswith("]", position):
-            if text[position + 1:].strip():
-                raise FileError(f"unexpected text after the JSON array, line {line}")
+            after = _skip_space(text, position + 1)
+            if after < len(text):
+                where = line + text.count("\n", position, after)
+                raise FileError(f"unexpected text after the JSON array, line {where}")
             return
         try:
-            value, end = decoder.raw_decode(text, position)
+            value, end = _DECODER.raw_decode(text, position)
+            record, problem = _as_record(value)
+        except _DuplicateKey as exc:  # the element itself is well-formed: report it and read on
+            (_, end), record, problem = _LENIENT_DECODER.raw_decode(text, position), None, _json_problem(exc)
         except json.JSONDecodeError as exc:
             raise FileError(f"invalid JSON array at line {exc.lineno}: {exc.msg}") from None
-        yield f"{path}:{line}", *_as_record(value)
+        except (ValueError, RecursionError) as exc:  # where the element ends is unknown: the rest is unreadable
+            raise FileError(f"JSON array element at line {line}: {_json_problem(exc)}") from None
+        yield f"{path}:{line}", record, problem
         position = _skip_space(text, end)
         if text.startswith(",", position):
             position += 1
@@ -205,6 +242,7 @@ def _alpaca(record: Record) -> tuple[list[dict], str]:
     extra = record.get("input")
     if extra is not None and not isinstance(extra, str):
         raise RowError(f"field 'input' must be a string, got {_type_name(extra)}")
+    _check_unicode(extra or "", "field 'input'")
     content = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
     return [{"role": "user", "content": content}], _text_field(record, "output")
 
@@ -239,6 +277,7 @@ def _message(turn: Any, index: int) -> dict:
         raise RowError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
     if not isinstance(content, str):
         raise RowError(f"{where}.content must be a string, got {_type_name(content)}")
+    _check_unicode(content, f"{where}.content")
     return {"role": role, "content": content}
 
 
@@ -253,7 +292,7 @@ def _text_field(record: Record, name: str) -> str:
         raise RowError(f"field {name!r} must be a string, got {_type_name(value)}")
     if not value.strip():
         raise RowError(f"field {name!r} is empty")
-    return value
+    return _check_unicode(value, f"field {name!r}")
 
 
 def _sample_id(record: Record, id_column: str) -> str:
@@ -264,7 +303,7 @@ def _sample_id(record: Record, id_column: str) -> str:
         raise RowError(f"id column {id_column!r} must be a string or an integer, got {_type_name(value)}")
     if isinstance(value, str) and not value.strip():
         raise RowError(f"id column {id_column!r} is empty")
-    return str(value)
+    return _check_unicode(str(value), f"id column {id_column!r}")
 
 
 def _label(record: Record, label_column: str) -> str:
@@ -274,7 +313,16 @@ def _label(record: Record, label_column: str) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RowError(f"label column {label_column!r} must be a string or an integer, got {_type_name(value)}")
-    return str(value)
+    return _check_unicode(str(value), f"label column {label_column!r}")
+
+
+def _check_unicode(value: str, what: str) -> str:
+    """`value` unchanged, or a RowError if it holds a lone surrogate (a JSON escape like `\\ud800`): UTF-8 cannot encode one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(f"{what} holds an unpaired surrogate \\u{ord(value[exc.start]):04x}, not valid Unicode") from None
+    return value
 
 
 def _type_name(value: Any) -> str:

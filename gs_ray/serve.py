@@ -35,6 +35,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,12 +44,13 @@ from gs_ray.config import Config, config_from_dict, load_config
 from gs_ray.errors import DataError, ModelError
 from gs_ray.generation import GenerationRequest
 from gs_ray.openai_api import (
-    APIError, ChatRequest, CompletionRequest, Envelope, Target, gs_ray_info, models_body, parse_request,
+    APIError, ChatRequest, CompletionRequest, Envelope, Target, decode_body, gs_ray_info, models_body, parse_request,
     resolve_model, check_max_tokens, check_prompt_length,
 )
 from gs_ray.serve_experts import (
-    BASE_ID, DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WAIT_S, ENSEMBLE_ID, ExpertModel, finished_run_experts,
+    BASE_ID, DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WAIT_S, ENSEMBLE_ID, SERVED_STAGES, ExpertModel, finished_run_experts,
 )
+from gs_ray.pipeline import CONFIG_FILE, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +70,10 @@ def _digest(key: str) -> str:
 class RouterModel:
     """The trained router; returns each request's probabilities over the experts."""
 
-    def __init__(self, router_dir: str, batch_size: int, batch_wait_s: float):
+    def __init__(self, run_dir: str, batch_size: int, batch_wait_s: float):
         from gs_ray.router import Router
 
-        self.router = Router.load(router_dir)
+        self.router = Router.load(RunDir(run_dir).pull_finished(SERVED_STAGES) / "router" / "router")
         self.route.set_max_batch_size(batch_size)
         self.route.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -82,6 +84,7 @@ class RouterModel:
 
 # ---------------------------------------------------------------- ingress
 
+# The schema is served by Ingress at /openapi.json, behind the API key like every endpoint but /healthz.
 api = FastAPI(title="gs-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -97,13 +100,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
-
-
-async def _json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
 
 
 @serve.deployment(name="Ingress")
@@ -124,7 +120,7 @@ class Ingress:
         model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model),
                                                   trust_remote_code=cfg.model.trust_remote_code)
         self.context_length = getattr(model_config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        self.created = int(os.path.getmtime(Path(cfg.run.run_dir) / "config.yaml"))
+        self.created = int(os.path.getmtime(RunDir(cfg.run.run_dir).pull_finished(SERVED_STAGES) / CONFIG_FILE))
 
     def _authorize(self, request: Request) -> None:
         if self.key_digest is None:
@@ -143,10 +139,15 @@ class Ingress:
         self._authorize(request)
         return models_body(self.num_experts, self.created)
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return api.openapi()
+
     async def _accept(self, request: Request, schema: type) -> tuple[Any, Target]:
         """Authorized, schema-valid request and the model it names; otherwise an APIError."""
         self._authorize(request)
-        req = parse_request(schema, await _json_body(request))
+        req = parse_request(schema, decode_body(await request.body()))
         return req, resolve_model(req.model, self.num_experts)
 
     @api.post("/v1/completions")
@@ -166,7 +167,11 @@ class Ingress:
             router_text = request_text(messages)
         except DataError as exc:
             raise APIError(400, str(exc), param="messages") from exc
-        return await self._answer(req, target, render_prompt(self.tokenizer, messages), router_text, chat=True)
+        try:
+            prompt = render_prompt(self.tokenizer, messages)
+        except TemplateError as exc:  # some models' templates refuse conversations, e.g. roles out of order
+            raise APIError(400, f"the model's chat template refuses these messages: {exc}", param="messages") from exc
+        return await self._answer(req, target, prompt, router_text, chat=True)
 
     async def _plan(self, target: Target, router_text: str) -> tuple[str, int | None, list[float] | None]:
         """(multiplexed model id, expert chosen, router probabilities) for a request."""
@@ -234,17 +239,21 @@ def _expert_options(cfg: Config) -> dict[str, Any]:
 
 
 def build_app(cfg: Config, run_dir: str | Path | None = None) -> serve.Application:
-    """The Serve application of a finished run; GS_RAY_API_KEY, if set now, becomes required."""
-    root = Path(run_dir or cfg.run.run_dir).absolute()
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(root)))
-    num_experts = finished_run_experts(root)
+    """The Serve application of a finished run (a path or URI); GS_RAY_API_KEY, if set now, becomes required.
+
+    Replicas get the run's location and mirror what they read themselves, so a run on
+    object storage serves from any node.
+    """
+    run = RunDir(run_dir or cfg.run.run_dir)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=run.location))
+    num_experts = finished_run_experts(run.pull_finished(SERVED_STAGES))
     serve_cfg = cfg.serve
     key = os.environ.get(API_KEY_ENV)
     router = RouterModel.options(
         num_replicas=serve_cfg.router_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": serve_cfg.router_num_cpus},
-    ).bind(str(root / "router" / "router"), serve_cfg.router_batch_max_size, serve_cfg.router_batch_wait_timeout_s)
-    expert = ExpertModel.options(**_expert_options(cfg)).bind(cfg.to_dict(), str(root))
+    ).bind(run.location, serve_cfg.router_batch_max_size, serve_cfg.router_batch_wait_timeout_s)
+    expert = ExpertModel.options(**_expert_options(cfg)).bind(cfg.to_dict(), run.location)
     return Ingress.options(
         num_replicas=serve_cfg.ingress_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
@@ -257,13 +266,14 @@ def load_run_config(run_dir: str | Path, serve_source: str | None = None, overri
     The model, LoRA and data settings always come from the run itself: they are what its
     adapters were trained with.
     """
-    saved = Path(run_dir) / "config.yaml"
+    run = RunDir(run_dir)
+    saved = run.pull_finished(()) / CONFIG_FILE
     if not saved.is_file():
         raise ModelError(f"{run_dir} has no config.yaml: not a gs-ray run directory (run `gs-ray run` first)")
     cfg = load_config(str(saved), overrides)
     if serve_source:
         cfg = dataclasses.replace(cfg, serve=load_config(serve_source, overrides).serve)
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(Path(run_dir).absolute())))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=run.location))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -37,11 +37,14 @@ from ray import serve
 from gs_ray.config import config_from_dict
 from gs_ray.errors import ModelError
 from gs_ray.generation import Delta, GenerationRequest
+from gs_ray.pipeline import RunDir
 
 BASE_ID, ENSEMBLE_ID = "base", "ensemble"
 ADAPTER_ID = re.compile(r"expert-(0|[1-9][0-9]{0,5})")
 """Multiplexed ids of single experts; matched in full before any path is built from one."""
 EXPERTS_FILE = "experts.json"
+SERVED_STAGES = ("experts", "router")
+"""The stages a replica reads; a run on object storage is mirrored to each replica's node before use."""
 DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WAIT_S = 8, 0.005
 """Decorator defaults only: every replica sets its batch size and wait from serve.* at start."""
 MAX_CONCURRENT_BATCHES = 8
@@ -102,7 +105,8 @@ class ExpertModel:
         from gs_ray.models import attach_lora, load_base_model, load_tokenizer
 
         cfg = config_from_dict(config)
-        self.run_dir, self.num_experts = Path(run_dir), finished_run_experts(run_dir)
+        self.run_dir = RunDir(run_dir).pull_finished(SERVED_STAGES)
+        self.num_experts = finished_run_experts(self.run_dir)
         use_gpu = cfg.serve.num_gpus_per_replica > 0 and torch.cuda.is_available()
         device = torch.device("cuda" if use_gpu else "cpu")
         tokenizer, base = load_tokenizer(cfg.model), load_base_model(cfg.model)

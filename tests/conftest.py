@@ -72,3 +72,23 @@ def tiny_warm_run(ray_start_4_cpus, tmp_path_factory):
         return target
 
     return copy
+
+
+FINISHED_RUN_OVERRIDES = (
+    *WARM_RUN_OVERRIDES, "cluster.k=2", "cluster.cache_size=8", "experts.budget=fixed", "experts.max_steps=8",
+    "experts.min_cluster_size=1", "experts.cpus_per_worker=1", "router.epochs=10",
+)
+"""The finished tiny run's config, on top of the tiny preset: K = 2, experts of 8 steps each."""
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tiny_warm_run):
+    """(config, manifests) of one tiny run finished through the router (built once).
+
+    Tests read it, or add stages after the router (evaluate); none rewrite what is there.
+    """
+    from gs_ray.config import load_config
+    from gs_ray.pipeline import run_stages
+
+    cfg = load_config("tiny", [f"run.run_dir={tiny_warm_run('finished')}", *FINISHED_RUN_OVERRIDES])
+    return cfg, run_stages(cfg, "router")

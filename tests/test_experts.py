@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WARM_RUN_OVERRIDES
 from gs_ray.config import ExpertsConfig
 from gs_ray.experts import expert_steps, merge_small_clusters
 from gs_ray.pipeline import RunDir, run_stages
@@ -29,21 +28,8 @@ def test_step_budgets():
     assert proportional == [8, 9, 48]  # shares of 60 total steps, with the floor applied
 
 
-@pytest.fixture(scope="module")
-def stage3_run(tiny_warm_run):
-    from gs_ray.config import load_config
-
-    run_dir = tiny_warm_run("stage3")
-    cfg = load_config("tiny", [
-        f"run.run_dir={run_dir}", *WARM_RUN_OVERRIDES, "cluster.k=2", "cluster.cache_size=8",
-        "experts.budget=fixed", "experts.max_steps=8", "experts.min_cluster_size=1", "experts.cpus_per_worker=1",
-        "router.epochs=10",
-    ])
-    return cfg, run_stages(cfg, "router")
-
-
-def test_two_experts_train_at_the_same_time_on_their_own_clusters(stage3_run):
-    cfg, manifests = stage3_run
+def test_two_experts_train_at_the_same_time_on_their_own_clusters(tiny_finished_run):
+    cfg, manifests = tiny_finished_run
     run = RunDir(cfg.run.run_dir)
     experts = manifests["experts"]["summary"]["experts"]
     assert len(experts) == 2
@@ -61,10 +47,10 @@ def test_two_experts_train_at_the_same_time_on_their_own_clusters(stage3_run):
         assert expert["eval_loss_end"] < expert["eval_loss_start"]
 
 
-def test_router_stage_trains_on_expert_ids(stage3_run):
+def test_router_stage_trains_on_expert_ids(tiny_finished_run):
     from gs_ray.router import Router
 
-    cfg, manifests = stage3_run
+    cfg, manifests = tiny_finished_run
     summary = manifests["router"]["summary"]
     assert summary["experts"] == 2 and summary["eval_samples"] > 0
     assert 0.0 <= summary["accuracy"] <= 1.0
@@ -76,11 +62,11 @@ def test_router_stage_trains_on_expert_ids(stage3_run):
     assert np.sum(metrics["confusion"]) == metrics["holdout_samples"]
 
 
-def test_evaluate_stage_scores_every_method_per_source(stage3_run):
+def test_evaluate_stage_scores_every_method_per_source(tiny_finished_run):
     from gs_ray.data import load_split
     from gs_ray.evaluate import EVALUATION_FILE, METHODS, SINGLE_LORA
 
-    cfg, manifests = stage3_run
+    cfg, manifests = tiny_finished_run
     summary = run_stages(cfg, "evaluate")["evaluate"]["summary"]
     out = RunDir(cfg.run.run_dir).stage_dir("evaluate")
     assert json.loads((out / EVALUATION_FILE).read_text()) == summary

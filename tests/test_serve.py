@@ -5,6 +5,7 @@ One finished run and one Serve app per module (with an API key, so every request
 """
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -18,8 +19,9 @@ import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from conftest import WARM_RUN_OVERRIDES
 from gs_ray.openai_api import APIError, resolve_model
 
 API_KEY = "test-key-123"
@@ -28,10 +30,6 @@ MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 384, 32
 ROUTER_CANDIDATES = 16
 """Prompts per expert tried when looking for one the router sends to that expert."""
 REPO = Path(__file__).resolve().parent.parent
-FINISHED_RUN_OVERRIDES = (
-    *WARM_RUN_OVERRIDES, "cluster.k=2", "cluster.cache_size=8", "experts.budget=fixed", "experts.max_steps=8",
-    "experts.min_cluster_size=1", "experts.cpus_per_worker=1", "router.epochs=10",
-)
 SERVE_OVERRIDES = [f"serve.max_prompt_tokens={MAX_PROMPT_TOKENS}", f"serve.max_tokens_limit={MAX_TOKENS_LIMIT}",
                    "serve.default_max_tokens=8", "serve.router_num_cpus=0.5"]
 
@@ -100,13 +98,14 @@ def test_batched_left_padded_decoding_matches_one_at_a_time(tiny_lm):
     assert texts(requests, plain * 2, (0.5, 0.5)) == alone
 
 
-def test_sampling_with_a_tiny_top_p_is_greedy():
+@pytest.mark.parametrize("top_p", [1e-6, 5e-324])  # the second is 0 in float32
+def test_sampling_with_a_tiny_top_p_is_greedy(top_p):
     import torch
 
     from gs_ray.generation import sample
 
     logprobs = torch.log_softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
-    tokens = sample(logprobs, torch.full((4,), 1.5), torch.full((4,), 1e-6))
+    tokens = sample(logprobs, torch.full((4,), 1.5), torch.full((4,), top_p))
     assert torch.equal(tokens, logprobs.argmax(dim=-1))
 
 
@@ -140,16 +139,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_warm_run):
-    """(base url, run dir): a finished tiny run served over HTTP with GS_RAY_API_KEY set."""
+def served(tiny_finished_run):
+    """(base url, run dir): the session's finished tiny run served over HTTP with GS_RAY_API_KEY set."""
     from ray import serve
 
-    from gs_ray.config import load_config
-    from gs_ray.pipeline import run_stages
     from gs_ray.serve import API_KEY_ENV, load_run_config, start
 
-    run_dir = tiny_warm_run("serve")
-    run_stages(load_config("tiny", [f"run.run_dir={run_dir}", *FINISHED_RUN_OVERRIDES]), "router")
+    run_dir = tiny_finished_run[0].run.run_dir
     cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, f"serve.port={_free_port()}"])
     os.environ[API_KEY_ENV] = API_KEY  # read once, when the app is built
     try:
@@ -360,3 +356,232 @@ def test_the_api_key_is_required_except_for_health(served):
     assert _request(url, "/healthz", key=None) == (200, {"status": "ok"})
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key").models.list()
+
+
+# ---------------------------------------------------------------- fuzzing the HTTP surface
+
+FUZZ_REQUESTS, FUZZ_PATH_REQUESTS = 300, 200
+"""Examples (one request each) of the two fuzz tests: together well under a minute on 2 CPU cores. Hypothesis
+runs derandomized (the same requests every run) so that CI is repeatable; raise these locally to search further."""
+HTTP_TIMEOUT_S = 120
+NESTING_DEPTH = 10_000
+"""Deeper than any JSON parser's recursion limit."""
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+MODEL_IDS = ("gs-ray", "gs-ray:ensemble", "gs-ray:expert-0", "gs-ray:expert-1", "base")
+PAYLOAD_KINDS = ("body", "body", "body", "junk")
+"""Three request bodies out of four are JSON objects of the endpoint's shape; the rest are any bytes."""
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")
+CONTENT_TYPES = ("application/json", "application/json; charset=latin-1", "text/plain",
+                 "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "")
+FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ_KEYS = (API_KEY, API_KEY, API_KEY, None, "wrong-key")
+"""Mostly the right key, so that most requests get past authentication to validation."""
+
+_text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
+"""Text a client may send: any Unicode scalar value."""
+_any_text = st.text(st.characters() | st.characters(categories=["Cs"]), max_size=40)
+"""Lone surrogates too, which json.dumps writes as \\ud800 escapes."""
+_numbers = st.integers() | st.floats() | st.sampled_from([0, -1, 2**63, -2**63, 10**400, 1e308, -0.0])
+_junk = st.recursive(st.none() | st.booleans() | _numbers | _any_text,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_any_text, inner, max_size=3),
+                     max_leaves=8)
+"""Any JSON value: what a field gets when its type is wrong."""
+_parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _text}), min_size=1, max_size=2)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": _text | _parts})
+_options = {  # valid values; max_tokens stays small so that accepted requests decode quickly
+    "max_tokens": st.integers(1, 4), "temperature": st.floats(0, 2), "top_p": st.floats(0, 1, exclude_min=True),
+    "n": st.just(1), "stream": st.booleans(), "ignore_eos": st.booleans(),
+    "stop": _text | st.lists(_text, max_size=4), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+_chat_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(MODEL_IDS), "messages": st.lists(_message, min_size=1, max_size=3)},
+    optional={**_options, "max_completion_tokens": _options["max_tokens"]})
+_completion_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(MODEL_IDS), "prompt": _text | st.lists(_text, max_size=2)}, optional=_options)
+_wrong_values = st.sampled_from([None, "", "\ud800", [], {}, True, -1, 0, MAX_TOKENS_LIMIT + 1, 2**63, 10**400, 1e308,
+                                 "gs-ray:expert-2", "gs-ray:expert-01", "gs-ray:expert-../../etc", "gpt-4",
+                                 [{"role": "developer", "content": "hi"}], [{"role": "user"}], ["a", "b"],
+                                 [{"type": "image_url", "text": "x"}], "x" * MAX_PROMPT_TOKENS * 4]) | _junk
+FIELDS = ("model", "messages", "prompt", "content", *_options, "max_completion_tokens")
+"""Fields a mutation may hit; `content` is the first message's."""
+MAX_MUTATIONS = 3
+"""Mutations per body; hypothesis favours small draws, so many bodies go out valid (and are answered)."""
+
+
+@st.composite
+def _mutated_bodies(draw) -> dict:
+    """A valid chat or completion body with up to MAX_MUTATIONS fields dropped, given a wrong value, or given a
+    lone surrogate."""
+    body = draw(_chat_bodies | _completion_bodies)
+    for _ in range(draw(st.integers(0, MAX_MUTATIONS))):
+        field = draw(st.sampled_from(FIELDS))
+        messages = body.get("messages")
+        first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else None
+        target = first if field == "content" and first is not None else body
+        mutation = draw(st.sampled_from(("drop", "wrong", "surrogate")))
+        if mutation == "drop":
+            target.pop(field, None)
+        elif mutation == "wrong":
+            target[field] = draw(_wrong_values)
+        else:
+            target[field] = f"{target.get(field, '')}\ud800"
+    return body
+
+
+@st.composite
+def _payloads(draw) -> bytes:
+    """Request bytes: mostly a JSON body (escaped, or UTF-8 where a surrogate becomes invalid bytes), else junk."""
+    body = draw(_mutated_bodies())
+    if draw(st.booleans()):
+        encoded = json.dumps(body).encode()
+    else:
+        encoded = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    junk = st.sampled_from([
+        b"", b"null", b"[" * NESTING_DEPTH, b'{"model": "gs-ray", "messages": ' + b"[" * NESTING_DEPTH,
+        b'{"model": "gs-ray", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+        b'{"model": "gs-ray", "prompt": "hi", "temperature": NaN}', encoded[: len(encoded) // 2],
+    ]) | st.binary(max_size=64) | _junk.map(lambda value: json.dumps(value).encode())
+    return draw(junk) if draw(st.sampled_from(PAYLOAD_KINDS)) == "junk" else encoded
+
+
+def _send(url: str, method: str, path: str, payload: bytes | None, content_type: str, key: str | None):
+    """(status, content type, body bytes) of one raw HTTP request."""
+    host, port = url.removeprefix("http://").split(":")
+    headers = {"Content-Type": content_type} if content_type else {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
+    try:
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        connection.close()
+
+
+def _check_no_server_error(method: str, status: int, content_type: str, body: bytes) -> None:
+    """Below 500; a refusal carries an OpenAI error body; a stream reports no in-band failure."""
+    assert status < 500, (status, body[:500])
+    if status >= 400 and method != "HEAD":
+        error = json.loads(body)["error"]
+        assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), body
+    if status == 200 and content_type.startswith("text/event-stream"):
+        events = [json.loads(line.removeprefix(b"data: ")) for line in body.split(b"\n\n")
+                  if line.startswith(b"data: {")]
+        assert events and not any("error" in event for event in events), body[:500]
+
+
+@settings(max_examples=FUZZ_REQUESTS, **FUZZ_SETTINGS)
+@given(path=st.sampled_from(ENDPOINTS), payload=_payloads(), content_type=st.sampled_from(CONTENT_TYPES),
+       key=st.sampled_from(FUZZ_KEYS))
+def test_fuzzed_requests_never_get_a_5xx(served, path, payload, content_type, key):
+    url, _ = served
+    status, kind, body = _send(url, "POST", path, payload, content_type, key)
+    _check_no_server_error("POST", status, kind, body)
+
+
+@pytest.fixture(scope="module")
+def openapi_paths(served) -> list[str]:
+    """The paths the app's OpenAPI schema lists."""
+    url, _ = served
+    status, _, body = _send(url, "GET", "/openapi.json", None, "", API_KEY)
+    assert status == 200, body
+    return sorted(json.loads(body)["paths"])
+
+
+def test_the_openapi_schema_lists_the_endpoints_behind_the_key(served, openapi_paths):
+    url, _ = served
+    assert {*ENDPOINTS, "/v1/models", "/healthz"} <= set(openapi_paths)
+    assert _send(url, "GET", "/openapi.json", None, "", None)[0] == 401
+
+
+_path_segment = st.text(st.characters(codec="ascii", categories=["L", "N"]) | st.sampled_from("-._~%/:@!$&'()*+,;=?"),
+                        max_size=12)
+"""Path text, broken percent-escapes and query strings included."""
+
+
+@settings(max_examples=FUZZ_PATH_REQUESTS, **FUZZ_SETTINGS)
+@given(data=st.data(), method=st.sampled_from(METHODS), payload=st.none() | _payloads(),
+       content_type=st.sampled_from(CONTENT_TYPES), key=st.sampled_from(FUZZ_KEYS))
+def test_fuzzed_paths_and_methods_never_get_a_5xx(served, openapi_paths, data, method, payload, content_type, key):
+    url, _ = served
+    known = st.sampled_from([*openapi_paths, "/v1/chat/completions/", "//v1/completions", "/v1/../v1/models"])
+    path = data.draw(known | known.flatmap(lambda p: _path_segment.map(lambda tail: p + tail))
+                     | _path_segment.map(lambda tail: "/" + tail))
+    status, kind, body = _send(url, method, path, payload, content_type, key)
+    _check_no_server_error(method, status, kind, body)
+
+
+# ---------------------------------------------------------------- soak
+
+SOAK_REQUESTS, SOAK_WARMUP_REQUESTS, SOAK_CLIENTS = 2000, 200, 32
+SOAK_MAX_TOKENS, SOAK_TEMPERATURE = 4, 0.7
+SOAK_MODELS = ("gs-ray", "gs-ray:expert-0", "gs-ray:expert-1", "base", "gs-ray", "gs-ray:expert-0", "gs-ray:expert-1",
+               "gs-ray:ensemble")
+"""The rotation of soak requests: every model, the routed one most; the ensemble (K passes a token) least."""
+SOAK_COMPLETIONS, SOAK_STREAMED = (2, 5), (3, 6)
+"""Turns of the rotation sent to /v1/completions, and turns streamed."""
+MAX_RSS_GROWTH = 0.10
+"""Largest growth of an Expert replica's resident memory from after warm-up to the end of the soak."""
+EXPERT_REPLICA_TITLE = "ServeReplica:gs-ray:Expert"
+"""What Ray puts in an Expert replica's process title."""
+
+
+def _soak_request(url: str, index: int) -> tuple[int, str, bytes]:
+    """One of a fixed rotation of request kinds: routed, per expert, base, ensemble; chat and completion; streamed."""
+    turn = index % len(SOAK_MODELS)
+    body: dict = {"model": SOAK_MODELS[turn], "max_tokens": SOAK_MAX_TOKENS, "ignore_eos": True,
+                  "temperature": 0 if turn % 2 else SOAK_TEMPERATURE, "stream": turn in SOAK_STREAMED}
+    text = f"Request {index}: what is {index % 97} plus {index % 13}?"
+    if turn in SOAK_COMPLETIONS:
+        path, body["prompt"] = "/v1/completions", text
+    else:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
+    return _send(url, "POST", path, json.dumps(body).encode(), "application/json", API_KEY)
+
+
+def _soak_failures(url: str, count: int) -> list[str]:
+    """Send `count` requests from SOAK_CLIENTS threads; describe every one that did not fully succeed."""
+
+    def one(index: int) -> str | None:
+        try:
+            status, kind, body = _soak_request(url, index)
+        except OSError as exc:
+            return f"request {index}: {exc!r}"
+        complete = not kind.startswith("text/event-stream") or body.rstrip().endswith(b"data: [DONE]")
+        if status != 200 or b'"error"' in body or not complete:
+            return f"request {index}: {status} {body[:300]!r}"
+        return None
+
+    with ThreadPoolExecutor(SOAK_CLIENTS) as pool:
+        return [failure for failure in pool.map(one, range(count)) if failure]
+
+
+def _expert_replica_rss() -> dict[int, int]:
+    """Resident bytes of each Expert replica process, by pid: the test's own Ray processes are its descendants."""
+    import psutil
+
+    replicas = {}
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if EXPERT_REPLICA_TITLE in " ".join(process.cmdline()):
+                replicas[process.pid] = process.memory_info().rss
+    return replicas
+
+
+@pytest.mark.slow
+def test_soak_has_no_errors_and_expert_memory_stays_flat(served, record_property):
+    url, _ = served
+    assert _soak_failures(url, SOAK_WARMUP_REQUESTS) == []
+    before = _expert_replica_rss()
+    assert before, "no Expert replica process found"
+    failures = _soak_failures(url, SOAK_REQUESTS)
+    after = _expert_replica_rss()
+    growth = {pid: after[pid] / before[pid] - 1 for pid in before if pid in after}
+    # The figures benchmarks/RESULTS.md reports (pytest --junitxml writes them out).
+    record_property("soak_failures", len(failures))
+    record_property("expert_rss_growth", growth)
+    assert failures == [], f"{len(failures)} of {SOAK_REQUESTS} failed, first: {failures[:3]}"
+    assert after.keys() == before.keys()  # no replica died and came back
+    assert max(growth.values()) <= MAX_RSS_GROWTH, growth
