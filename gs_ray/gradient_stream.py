@@ -10,7 +10,10 @@
    cache, i.e. one d-vector per cluster.cache_size samples. Before each batch it fetches
    the centroid rows that changed since its replica's version. Assignments leave the
    workers as ordinary Ray Data rows (sample_id, cluster, similarity, label); the driver
-   collects those small rows, never a gradient.
+   collects those small rows, never a gradient. The actor saves its state every
+   cluster.checkpoint_every summaries; killed, Ray restarts it from that save, the
+   workers' calls are retried and their replicas fetched whole again. Summaries since the
+   save are lost, samples are not: each is assigned once, by the worker that holds it.
 3. Optional reassignment (cluster.reassign): mode "assign" against the frozen final
    centroids, and the share of samples whose cluster changed. The eval split is always
    assigned this way too: each held-out sample's own cluster, for evaluating experts.
@@ -36,9 +39,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gs_ray import storage
-from gs_ray.cluster import ClusterActor, ClusterCaches, GradientFeatures, OnlineSVDClusterer, nearest_centroids
+from gs_ray.cluster import (
+    ClusterActor, ClusterCaches, GradientFeatures, OnlineSVDClusterer, VersionToken, nearest_centroids,
+)
 from gs_ray.config import Config, config_from_dict
 from gs_ray.data import load_split, pad_batch
 from gs_ray.errors import DataError
@@ -50,7 +56,9 @@ BATCHES_PER_BLOCK = 4
 """Rows per Ray Data block, in gradient batches: small blocks spread a split over every worker, and
 rows are sorted by length within a block only, so the stream's order stays a mix of the split."""
 ACTOR_MAX_RESTARTS = 3
-"""A killed ClusterActor comes back this many times (its calls are retried)."""
+"""A killed ClusterActor comes back this many times (its calls are retried), from its last checkpoint."""
+ACTOR_CHECKPOINT = ".cluster-actor-state.npz"
+"""The ClusterActor's checkpoint, in the stage's staging folder while the stage runs; removed when it is done."""
 
 
 class GradientWorker:
@@ -70,7 +78,7 @@ class GradientWorker:
         self.gradients = PerSampleGradients(model)
         self.pad_id = load_tokenizer(cfg.model).pad_token_id or 0
         self.mode, self.actor, self.cache_size = mode, actor, cfg.cluster.cache_size
-        self.version = -1
+        self.version: VersionToken | None = None
         self.centroids: np.ndarray | None = None
         self.features: GradientFeatures | None = None
         self.caches: ClusterCaches | None = None
@@ -195,19 +203,30 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
 
     with _ordered_execution():
         clusterer, fit = fit_on_validation(cfg, data, adapter_dir, out_dir)
+        checkpoint = out_dir / ACTOR_CHECKPOINT
+        # Pinned to this node: its checkpoint is in this node's staging folder, and a restart must find it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Held here until the actor is gone: a restart runs the constructor again on the same arguments.
+        initial_state = ray.put(clusterer.state_dict())
         actor = (
             ray.remote(ClusterActor)
-            .options(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)
-            .remote(cfg.cluster, clusterer.state_dict())
+            .options(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS,
+                     scheduling_strategy=here)
+            .remote(cfg.cluster, initial_state, str(checkpoint))
         )
         streamed = assign_split(cfg, storage.join(data, "train"), adapter_dir, actor, "stream")
         final = assign_split(cfg, storage.join(data, "train"), adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
         # Held-out samples against the final centroids: each one's own cluster (oracle routing, expert eval sets).
         held_out = assign_split(cfg, storage.join(data, "eval"), adapter_dir, actor, "assign")
         state = ray.get(actor.state_dict.remote())
+        resumed_from = ray.get(actor.resumed_from.remote())
         ray.kill(actor)
+        # A kill in the middle of a save leaves its temporary file behind; neither belongs to the stage.
+        for leftover in (checkpoint, *out_dir.glob(f".{ACTOR_CHECKPOINT}.tmp-*")):
+            leftover.unlink(missing_ok=True)
     assignments = final
-    summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "val_samples": fit["val_samples"]}
+    summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "val_samples": fit["val_samples"],
+                               "actor_resumed_from_version": resumed_from}
     if cfg.cluster.reassign:
         changed = np.asarray(streamed["cluster"]) != np.asarray(final["cluster"])
         assignments = final.append_column("stream_cluster", streamed["cluster"])

@@ -206,6 +206,8 @@ class ClusterConfig:
     """Subtract the mean validation gradient direction before normalizing (removes the direction all samples share)."""
     max_val_samples: int = 512
     """Validation gradients used to choose K and initialise centroids (m; the Gram matrix is m x m)."""
+    checkpoint_every: int = 8
+    """Cache summaries applied between saves of the clustering actor's state (a killed actor resumes from the last)."""
 
     def __post_init__(self) -> None:
         _check(self.k == 0 or self.k >= 2, "cluster.k", f"must be 0 (automatic) or >= 2, got {self.k}")
@@ -213,6 +215,7 @@ class ClusterConfig:
         _check(self.cache_size >= 2, "cluster.cache_size", f"must be >= 2, got {self.cache_size}")
         _check(0 < self.ema_beta <= 1, "cluster.ema_beta", f"must be in (0, 1], got {self.ema_beta}")
         _check(self.max_val_samples > self.k_max, "cluster.max_val_samples", "must exceed cluster.k_max")
+        _check(self.checkpoint_every >= 1, "cluster.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Serving: the OpenAI-compatible Ray Serve app over real HTTP, on a finished tiny run.
 
 One finished run and one Serve app per module (with an API key, so every request but the
-401 checks carries it). Decoding helpers are tested on the tiny model directly.
+401 checks carries it). Decoding helpers are tested on the tiny model directly. Hypothesis
+fuzzes the HTTP surface (no client mistake may get a 5xx), and a slow soak sends 2,000
+requests from 32 clients while watching the Expert replicas' memory.
 """
 
 import contextlib
@@ -12,6 +14,7 @@ import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +148,7 @@ def served(tiny_finished_run):
 
     from gs_ray.serve import API_KEY_ENV, load_run_config, start
 
-    run_dir = tiny_finished_run[0].run.run_dir
+    run_dir = Path(tiny_finished_run[0].run.run_dir)
     cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, f"serve.port={_free_port()}"])
     os.environ[API_KEY_ENV] = API_KEY  # read once, when the app is built
     try:
@@ -364,6 +367,8 @@ FUZZ_REQUESTS, FUZZ_PATH_REQUESTS = 300, 200
 """Examples (one request each) of the two fuzz tests: together well under a minute on 2 CPU cores. Hypothesis
 runs derandomized (the same requests every run) so that CI is repeatable; raise these locally to search further."""
 HTTP_TIMEOUT_S = 120
+EXCERPT_BYTES = 500
+"""Bytes of a response quoted in a failure."""
 NESTING_DEPTH = 10_000
 """Deeper than any JSON parser's recursion limit."""
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -462,14 +467,14 @@ def _send(url: str, method: str, path: str, payload: bytes | None, content_type:
 
 def _check_no_server_error(method: str, status: int, content_type: str, body: bytes) -> None:
     """Below 500; a refusal carries an OpenAI error body; a stream reports no in-band failure."""
-    assert status < 500, (status, body[:500])
-    if status >= 400 and method != "HEAD":
+    assert status < HTTPStatus.INTERNAL_SERVER_ERROR, (status, body[:EXCERPT_BYTES])
+    if status >= HTTPStatus.BAD_REQUEST and method != "HEAD":
         error = json.loads(body)["error"]
         assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), body
-    if status == 200 and content_type.startswith("text/event-stream"):
+    if status == HTTPStatus.OK and content_type.startswith("text/event-stream"):
         events = [json.loads(line.removeprefix(b"data: ")) for line in body.split(b"\n\n")
                   if line.startswith(b"data: {")]
-        assert events and not any("error" in event for event in events), body[:500]
+        assert events and not any("error" in event for event in events), body[:EXCERPT_BYTES]
 
 
 @settings(max_examples=FUZZ_REQUESTS, **FUZZ_SETTINGS)
@@ -522,6 +527,7 @@ SOAK_MODELS = ("gs-ray", "gs-ray:expert-0", "gs-ray:expert-1", "base", "gs-ray",
 """The rotation of soak requests: every model, the routed one most; the ensemble (K passes a token) least."""
 SOAK_COMPLETIONS, SOAK_STREAMED = (2, 5), (3, 6)
 """Turns of the rotation sent to /v1/completions, and turns streamed."""
+SHOWN_FAILURES = 3
 MAX_RSS_GROWTH = 0.10
 """Largest growth of an Expert replica's resident memory from after warm-up to the end of the soak."""
 EXPERT_REPLICA_TITLE = "ServeReplica:gs-ray:Expert"
@@ -533,7 +539,7 @@ def _soak_request(url: str, index: int) -> tuple[int, str, bytes]:
     turn = index % len(SOAK_MODELS)
     body: dict = {"model": SOAK_MODELS[turn], "max_tokens": SOAK_MAX_TOKENS, "ignore_eos": True,
                   "temperature": 0 if turn % 2 else SOAK_TEMPERATURE, "stream": turn in SOAK_STREAMED}
-    text = f"Request {index}: what is {index % 97} plus {index % 13}?"
+    text = f"Request {index}: what is {index} plus {index + 1}?"
     if turn in SOAK_COMPLETIONS:
         path, body["prompt"] = "/v1/completions", text
     else:
@@ -550,8 +556,8 @@ def _soak_failures(url: str, count: int) -> list[str]:
         except OSError as exc:
             return f"request {index}: {exc!r}"
         complete = not kind.startswith("text/event-stream") or body.rstrip().endswith(b"data: [DONE]")
-        if status != 200 or b'"error"' in body or not complete:
-            return f"request {index}: {status} {body[:300]!r}"
+        if status != HTTPStatus.OK or b'"error"' in body or not complete:
+            return f"request {index}: {status} {body[:EXCERPT_BYTES]!r}"
         return None
 
     with ThreadPoolExecutor(SOAK_CLIENTS) as pool:
@@ -582,6 +588,6 @@ def test_soak_has_no_errors_and_expert_memory_stays_flat(served, record_property
     # The figures benchmarks/RESULTS.md reports (pytest --junitxml writes them out).
     record_property("soak_failures", len(failures))
     record_property("expert_rss_growth", growth)
-    assert failures == [], f"{len(failures)} of {SOAK_REQUESTS} failed, first: {failures[:3]}"
+    assert failures == [], f"{len(failures)} of {SOAK_REQUESTS} failed, first: {failures[:SHOWN_FAILURES]}"
     assert after.keys() == before.keys()  # no replica died and came back
     assert max(growth.values()) <= MAX_RSS_GROWTH, growth
