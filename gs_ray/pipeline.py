@@ -251,9 +251,10 @@ class RunDir:
 
     def save_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / CONFIG_FILE, cfg.to_yaml())
+        text = cfg.to_yaml()
+        _write_atomic(self.root / CONFIG_FILE, text)
         if self.remote:
-            storage.write_text(storage.join(self.remote, CONFIG_FILE), cfg.to_yaml())
+            storage.write_text(storage.join(self.remote, CONFIG_FILE), text)
 
 
 def _build_data(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:

@@ -73,7 +73,7 @@ class RouterModel:
     def __init__(self, run_dir: str, batch_size: int, batch_wait_s: float):
         from gs_ray.router import Router
 
-        self.router = Router.load(RunDir(run_dir).pull_finished(SERVED_STAGES) / "router" / "router")
+        self.router = Router.load(RunDir(run_dir).pull_finished(("router",)) / "router" / "router")
         self.route.set_max_batch_size(batch_size)
         self.route.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -120,7 +120,7 @@ class Ingress:
         model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model),
                                                   trust_remote_code=cfg.model.trust_remote_code)
         self.context_length = getattr(model_config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        self.created = int(os.path.getmtime(RunDir(cfg.run.run_dir).pull_finished(SERVED_STAGES) / CONFIG_FILE))
+        self.created = int(os.path.getmtime(RunDir(cfg.run.run_dir).pull_finished(()) / CONFIG_FILE))
 
     def _authorize(self, request: Request) -> None:
         if self.key_digest is None:

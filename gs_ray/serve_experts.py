@@ -44,7 +44,8 @@ ADAPTER_ID = re.compile(r"expert-(0|[1-9][0-9]{0,5})")
 """Multiplexed ids of single experts; matched in full before any path is built from one."""
 EXPERTS_FILE = "experts.json"
 SERVED_STAGES = ("experts", "router")
-"""The stages a replica reads; a run on object storage is mirrored to each replica's node before use."""
+"""The stages a served run needs; a run on object storage is mirrored to each replica's node before use
+(each replica pulls only what it reads: the router replica its stage, an ingress replica the config)."""
 DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WAIT_S = 8, 0.005
 """Decorator defaults only: every replica sets its batch size and wait from serve.* at start."""
 MAX_CONCURRENT_BATCHES = 8
