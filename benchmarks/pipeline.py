@@ -13,7 +13,7 @@ Timed, on the same training rows, from the same fitted clusterer state:
   - ray:   `assign_split(cfg, <data>/train, adapter_dir, actor, "stream")` with a fresh
            `ClusterActor` (started and ready before the clock starts), grads.concurrency=1,
            grads.num_cpus_per_actor=2. End to end: actor-pool startup (process start, imports,
-           model + adapter load), read_parquet, repartition, gradients, clustering,
+           model + adapter load), cutting the split into blocks, gradients, clustering,
            collection and the final sort.
   - plain: the same work in the driver, no Ray: model + adapter + tokenizer load (counted, to
            match the actor's startup; the driver's imports are already done and not counted),
@@ -33,7 +33,7 @@ ray_efficiency = plain seconds / Ray seconds summed over the repeats (end to end
 >= 0.85), ray_efficiency_steady, both timings and samples/s, the sample counts, and the
 fraction of samples both sides put in the same cluster. Assignments need not be identical:
 the Ray side reads the parquet in file order and its batches follow Ray Data's block
-boundaries, while the plain side takes `load_split`'s sample_id order, so caches fill and
+boundaries (each sorted by length), while the plain side takes `load_split`'s sample_id order, so caches fill and
 centroids move in a different order.
 """
 
@@ -70,9 +70,8 @@ from gs_ray.data import load_split, pad_batch  # noqa: E402
 from gs_ray.pipeline import RunDir, run_stages  # noqa: E402
 
 RAY_CPUS = 3
-"""Logical CPUs of the local cluster (2 physical cores): the gradient actor holds 2, and Ray Data's
-read and repartition tasks need 1 more. With num_cpus=2 Stage II waits forever: the actor pool
-takes both CPUs and the StreamingRepartition task feeding it is never scheduled."""
+"""Logical CPUs of the local cluster (2 physical cores): the gradient actor holds 2 (so torch takes 2
+threads, as on the plain side), and one more leaves room for the setup stages' Ray Data tasks."""
 TORCH_THREADS = 2
 
 
@@ -241,12 +240,13 @@ class _Identity:
 
 
 def time_trivial(cfg, data_dir: Path) -> dict:
-    """The stream pass's Ray Data plan (read, repartition, 1-actor pool, collect, sort) with no work in the actor."""
+    """The stream pass's Ray Data plan (blocks, 1-actor pool, collect, sort) with no work in the actor."""
     grads = cfg.grads
     started = time.perf_counter()
     with gradient_stream._ordered_execution():
-        ds = ray.data.read_parquet(str(data_dir / "train"), columns=gradient_stream.INPUT_COLUMNS)
-        blocks = ds.repartition(target_num_rows_per_block=grads.batch_size * gradient_stream.BATCHES_PER_BLOCK)
+        rows_per_block = grads.batch_size * gradient_stream.BATCHES_PER_BLOCK
+        parts = gradient_stream._split_parts(str(data_dir / "train"), rows_per_block)
+        blocks = ray.data.from_arrow_refs(gradient_stream._block_refs(parts, rows_per_block))
         mapped = blocks.map_batches(_Identity, batch_size=grads.batch_size, batch_format="pyarrow",
                                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=grads.num_cpus_per_actor)
         first, tables = None, []
@@ -339,7 +339,7 @@ def main() -> None:
         "counts_equal": all(r["counts_equal"] and r["same_sample_ids"] for r in records),
         "assignment_agreement": records[0]["assignment_agreement"],
         "plain_includes": "model+adapter+tokenizer load (not imports)",
-        "ray_includes": "actor-pool startup (process, imports, model load), read, repartition, collect, sort",
+        "ray_includes": "actor-pool startup (process, imports, model load), blocks, collect, sort",
     }
     if all("ray_efficiency_steady" in r and r["ray_efficiency_steady"] for r in records):
         ray_rest = sum(r["ray_after_first_block_s"] for r in records)

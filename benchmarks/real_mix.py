@@ -3,7 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/real_mix.py [--quick] [--datasets ../shared/datasets]
-        [--run-dir runs/real-mix] [--per-source N] [--seed S] [--evaluate] [--no-k3] [section.field=value ...]
+        [--run-dir runs/real-mix] [--per-source N] [--seed S] [--config demo|gpu] [--evaluate] [--no-k3] [section.field=value ...]
 
 1. Builds the mix as one JSONL file inside the run dir (never in the package: the Alpaca
    seed tasks are CC BY-NC): a seeded sample of N rows per source among the rows that fit
@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=None, help="default runs/real-mix (runs/real-mix-quick with --quick)")
     parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 300, 60 with --quick)")
     parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
+    parser.add_argument("--config", default="demo", choices=["demo", "gpu"],
+                        help="preset: demo (2 CPU cores, a local Ray of RAY_CPUS) or gpu (Ray takes the machine's CPUs and GPUs)")
     parser.add_argument("--evaluate", action="store_true",
                         help="continue the automatic-K run through experts, router and evaluate")
     parser.add_argument("--no-k3", action="store_true", help="skip the Stage II re-run with cluster.k=3")
@@ -191,16 +193,17 @@ def main() -> None:
     from gs_ray.config import load_config
     from gs_ray.pipeline import run_stages
 
-    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]", f"grads.num_cpus_per_actor={GRAD_ACTOR_CPUS}",
-            *REAL_MIX_OVERRIDES]
+    on_cpu = args.config == "demo"
+    base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]",
+            *([f"grads.num_cpus_per_actor={GRAD_ACTOR_CPUS}"] if on_cpu else []), *REAL_MIX_OVERRIDES]
     if args.quick:
         base.append(f"warmup.max_steps={QUICK_WARMUP_STEPS}")
-    cfg = load_config("demo", [*base, *args.overrides])
-    emit({"figure": "config", "preset": "demo", "overrides": [*base, *args.overrides], "model": cfg.model.name,
+    cfg = load_config(args.config, [*base, *args.overrides])
+    emit({"figure": "config", "preset": args.config, "overrides": [*base, *args.overrides], "model": cfg.model.name,
           "lora_r": cfg.lora.r, "target_modules": list(cfg.lora.target_modules), "warmup_steps": cfg.warmup.max_steps,
           "cluster_center": cfg.cluster.center})
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=RAY_CPUS if on_cpu else None, include_dashboard=False, logging_level=logging.WARNING)
     try:
         started = time.time()
         manifests = run_stages(cfg, "cluster")
@@ -217,7 +220,7 @@ def main() -> None:
         if cfg.cluster.k == 3 or args.no_k3:
             fixed = auto
         else:
-            cfg3 = load_config("demo", [*base, *args.overrides, "cluster.k=3"])
+            cfg3 = load_config(args.config, [*base, *args.overrides, "cluster.k=3"])
             started = time.time()
             manifests3 = run_stages(cfg3, "cluster", force=True)
             emit({"figure": "stages", "run": "k3", "seconds": {name: m["seconds"] for name, m in manifests3.items()},

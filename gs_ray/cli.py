@@ -142,6 +142,7 @@ def job_command(args: argparse.Namespace) -> int:
     elif args.command == "logs":
         submit.print_logs(jobs, args.job_id, args.follow)
     else:
+        submit.job_info(jobs, args.job_id)
         stopped = jobs.stop_job(args.job_id)
         print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0

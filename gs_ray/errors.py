@@ -19,3 +19,7 @@ class DataError(GsRayError):
 
 class ModelError(GsRayError):
     """A model or adapter that cannot be found or loaded."""
+
+
+class JobError(GsRayError):
+    """A submitted job the Ray cluster does not know (a wrong or expired job id)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,16 +118,47 @@ def _sorted_by_length(block: pa.Table) -> pa.Table:
     return block.take(pc.sort_indices(pc.list_value_length(block["input_ids"])))
 
 
-def _gradient_pass(cfg: Config, ds: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any = None):
-    """Batches (pyarrow) of one pass of the worker pool over ds, in input order."""
+def _block_refs(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int) -> list[ray.ObjectRef]:
+    """The rows in consecutive blocks of rows_per_block, each sorted by length, put in the object store from here.
+
+    Cut on the driver, one block in memory at a time, rather than by Ray Data read and
+    repartition tasks: token ids are small, and those tasks cost every pass new worker
+    processes and their imports (on 2 cores, as long as the tiny model's gradients). The
+    blocks are in the object store before the actor pool starts, so nothing waits for a
+    CPU the pool holds (one actor of 2 CPUs on 2 cores would otherwise deadlock).
+    """
+    refs: list[ray.ObjectRef] = []
+    held: list[pa.Table] = []
+    count = 0
+    for part in tables:
+        held.append(pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part)
+        count += part.num_rows
+        while count >= rows_per_block:
+            table = pa.concat_tables(held)
+            refs.append(ray.put(_sorted_by_length(table.slice(0, rows_per_block))))
+            rest = table.slice(rows_per_block)
+            held, count = [rest], rest.num_rows
+    if count:
+        refs.append(ray.put(_sorted_by_length(pa.concat_tables(held))))
+    return refs
+
+
+def _split_parts(split: str, rows_per_part: int) -> Iterator[pa.RecordBatch]:
+    """A split's rows (INPUT_COLUMNS) file by file in name order, a bounded batch at a time; a path or URI."""
+    fs, root = storage.resolve(split)
+    for name in sorted(n for n in storage.file_sizes(split) if n.endswith(".parquet")):
+        with fs.open_input_file(f"{root}/{name}") as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=rows_per_part, columns=INPUT_COLUMNS)
+
+
+def _gradient_pass(cfg: Config, tables: Iterable[pa.Table | pa.RecordBatch], adapter_dir: str, mode: str,
+                   actor: Any = None):
+    """Batches (pyarrow) of one pass of the worker pool over the rows in tables, in input order."""
     grads = cfg.grads
-    # Materialized first: token ids are small, and a read or repartition task still waiting
-    # for a CPU while the actor pool holds every CPU (one actor of 2 CPUs on 2 cores) would deadlock.
-    blocks = (
-        ds.repartition(target_num_rows_per_block=grads.batch_size * BATCHES_PER_BLOCK)
-        .map_batches(_sorted_by_length, batch_size=None, batch_format="pyarrow")
-        .materialize()
-    )
+    refs = _block_refs(tables, grads.batch_size * BATCHES_PER_BLOCK)
+    if not refs:
+        return iter(())
+    blocks = ray.data.from_arrow_refs(refs)
     mapped = blocks.map_batches(
         GradientWorker,
         fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor},
@@ -171,7 +203,7 @@ def fit_on_validation(cfg: Config, data: str, adapter_dir: str, scratch: Path) -
     with tempfile.NamedTemporaryFile(dir=scratch, prefix=".val-gradients-", suffix=".f32") as handle:
         matrix = None
         filled = 0
-        for batch in _gradient_pass(cfg, ray.data.from_items(rows), adapter_dir, "gradients"):
+        for batch in _gradient_pass(cfg, [pa.Table.from_pylist(rows)], adapter_dir, "gradients"):
             if not batch.num_rows:
                 continue
             block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False))
@@ -187,8 +219,8 @@ def fit_on_validation(cfg: Config, data: str, adapter_dir: str, scratch: Path) -
 
 def assign_split(cfg: Config, split: str, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
     """sample_id, cluster, similarity, label for every sample of a split, sorted by sample_id."""
-    rows = ray.data.read_parquet(split, columns=INPUT_COLUMNS)
-    tables = [batch for batch in _gradient_pass(cfg, rows, adapter_dir, mode, actor) if batch.num_rows]
+    parts = _split_parts(split, cfg.grads.batch_size * BATCHES_PER_BLOCK)
+    tables = [batch for batch in _gradient_pass(cfg, parts, adapter_dir, mode, actor) if batch.num_rows]
     if not tables:
         raise DataError(f"the split under {split} is empty: nothing to assign")
     return pa.concat_tables(tables).sort_by("sample_id")

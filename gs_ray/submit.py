@@ -17,7 +17,7 @@ from typing import Any
 
 from gs_ray import storage
 from gs_ray.config import Config, load_config, preset_names
-from gs_ray.errors import ConfigError
+from gs_ray.errors import ConfigError, JobError
 
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 """Where the Jobs API address is read from when --address is not given (as `ray job` does)."""
@@ -26,6 +26,8 @@ WORKING_DIR_EXCLUDES = [".venv", ".git", ".cache", "runs", "**/__pycache__", "*.
 JOB_ENV_VARS = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 """A job never downloads models at run time; tokenizers' own threads fight Ray's workers for cores."""
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+UNKNOWN_JOB_STATUS = "status code 404"
+"""How the Jobs client words the answer to a job id the cluster does not know."""
 """Where Ray keeps the token of clusters it started (token auth is on by default for new clusters)."""
 
 
@@ -117,14 +119,26 @@ def follow(jobs: Any, job_id: str) -> str:
     return str(jobs.get_job_status(job_id).value)
 
 
+def job_info(jobs: Any, job_id: str) -> Any:
+    """The job's record; a clear error for an id the cluster does not know."""
+    try:
+        return jobs.get_job_info(job_id)
+    except RuntimeError as exc:  # the client's only signal for an HTTP error, 404 included
+        if UNKNOWN_JOB_STATUS not in str(exc):
+            raise
+        raise JobError(f"job {job_id!r} is not known to the cluster at {jobs.get_address()} "
+                       "(list its jobs with `ray job list`)") from exc
+
+
 def describe(jobs: Any, job_id: str) -> str:
-    info = jobs.get_job_info(job_id)
+    info = job_info(jobs, job_id)
     where = (info.metadata or {}).get("gs_ray_run_dir", "?")
     message = f" ({info.message})" if info.message else ""
     return f"{job_id}: {info.status.value}{message}; run dir {where}"
 
 
 def print_logs(jobs: Any, job_id: str, follow_logs: bool) -> None:
+    job_info(jobs, job_id)  # the log calls would answer an unknown id with a bare HTTP error
     if follow_logs:
         follow(jobs, job_id)
     else:
