@@ -15,6 +15,8 @@ FIGURE_DPI = 120
 SPECTRUM_VALUES_SHOWN = 40
 """Leading singular values drawn: the gap rule never looks further than k_max + 1."""
 UNLABELLED = "(no label)"
+BAR_ZOOM_MARGIN = 0.15
+"""Space above and below the values on a zoomed (not zero-based) bar axis, as a share of their range."""
 
 
 def _save(figure: plt.Figure, path: str | Path) -> None:
@@ -97,17 +99,26 @@ def plot_projection_2d(coordinates: np.ndarray, clusters: np.ndarray, labels: li
     _save(figure, path)
 
 
-def plot_method_bars(values: dict[str, dict[str, float]], ylabel: str, title: str, path: str | Path) -> None:
-    """Grouped bars: one group per source, one bar per method."""
+def plot_method_bars(values: dict[str, dict[str, float]], ylabel: str, title: str, path: str | Path,
+                     *, zero_based: bool = True, upper: float | None = None) -> None:
+    """Grouped bars: one group per source, one bar per method; zero_based=False zooms on the values' range."""
     sources = sorted({source for per_source in values.values() for source in per_source})
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(sources) * len(values) / 3 + 3), 4.0))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.8 * len(sources) + 3), 4.0))
     width = 0.8 / max(1, len(values))
     positions = np.arange(len(sources))
     for index, (method, per_source) in enumerate(values.items()):
         heights = [per_source.get(source, np.nan) for source in sources]
         axis.bar(positions + (index - (len(values) - 1) / 2) * width, heights, width, label=method)
+    found = np.array([v for per_source in values.values() for v in per_source.values()], dtype=float)
+    found = found[np.isfinite(found)]
+    if not zero_based and len(found):
+        # Losses of trained methods differ by a few percent: a zero-based axis would hide every difference.
+        margin = BAR_ZOOM_MARGIN * max(float(np.ptp(found)), float(np.abs(found).max()) * 1e-3)
+        axis.set_ylim(found.min() - margin, found.max() + margin)
+    elif zero_based:
+        axis.set_ylim(0, upper)  # upper None: matplotlib's own top
     axis.set(xticks=positions, xticklabels=sources, ylabel=ylabel, title=title)
-    axis.legend(fontsize="x-small", ncol=2)
+    axis.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(figure, path)
 
 

@@ -68,8 +68,10 @@ def shortfalls(evaluation: dict[str, Any]) -> list[str]:
         if found["routed_better"]:
             continue
         what = "loss per token (lower is better)" if found["metric"] == "loss" else "exact match (higher is better)"
+        verdict = "a tie" if found["routed"] == found["other"] else "worse"
         lines.append(f"- {found['source']}, {what}: routed GradientSpace {found['routed']:.{DIGITS}f} vs "
-                     f"{found['against']} {found['other']:.{DIGITS}f}: GradientSpace does not beat {found['against']}.")
+                     f"{found['against']} {found['other']:.{DIGITS}f} ({verdict}): GradientSpace does not beat "
+                     f"{found['against']}.")
     clusterings = evaluation["diagnostics"]["clusterings"]
     ours = clusterings["gradientspace"]["variance_ratio_normalized"]
     for name in ("embedding", "random_projection"):
@@ -107,11 +109,13 @@ def _plot_all(run: Any, evaluation: dict[str, Any], out: Path) -> list[str]:
                               [rows["label"][i] for i in train], out / PLOTS["projection"])
     methods = evaluation["methods"]
     report.plot_method_bars({m: r["per_source"] | {"all": r["loss"]} for m, r in methods.items()},
-                            "loss per target token", "Held-out loss per source (lower is better)", out / PLOTS["loss"])
+                            "loss per target token", "Held-out loss per source (lower is better; axis not from 0)",
+                            out / PLOTS["loss"], zero_based=False)
     plots = ["spectrum", "clusters", "projection", "loss"]
     if any(r["exact_match_per_source"] for r in methods.values()):
         report.plot_method_bars({m: r["exact_match_per_source"] for m, r in methods.items()}, "exact match",
-                                "Exact match per source (higher is better)", out / PLOTS["exact_match"])
+                                "Exact match per source (higher is better)", out / PLOTS["exact_match"],
+                                upper=1.0)
         plots.append("exact_match")
     report.plot_training_curves(_curves(runs, run), out / PLOTS["curves"])
     pairs = pq.read_table(run.stage_dir("evaluate") / PAIRS_FILE).to_pydict()

@@ -140,7 +140,7 @@ def test_the_report_says_plainly_where_gradientspace_does_not_win(tiny_config):
     text = render(tiny_config(), evaluation, ["spectrum"])
     for name in METHODS:
         assert f"| {name} |" in text
-    assert "0.2500 vs base 0.5000: GradientSpace does not beat base" in text and "![spectrum](spectrum.png)" in text
+    assert "0.2500 vs base 0.5000 (worse): GradientSpace does not beat base" in text and "![spectrum](spectrum.png)" in text
 
 
 # ---------------------------------------------------------------- end to end, on the shared finished tiny run
