@@ -18,6 +18,9 @@ from gs_ray.report_markdown import render, shortfalls
 from gs_ray.scoring import mixed_token_losses
 
 ROOT = Path(__file__).resolve().parent.parent
+QUALITY_TIMEOUT_S = 1800
+"""The first test to use quality_quick may also build the shared finished tiny run: on 2 busy cores that
+plus every evaluation stage took over the suite's default 900 s."""
 
 
 @pytest.mark.parametrize("generated, correct", [
@@ -160,6 +163,7 @@ def quality_quick(tiny_finished_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT_S)
 def test_quality_quick_scores_every_method_and_writes_the_report(quality_quick):
     from gs_ray.data import load_split
     from gs_ray.evaluate import EVALUATION_FILE, SINGLE_LORA
@@ -196,6 +200,7 @@ def manifests_report_plots(run: RunDir) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT_S)
 def test_baselines_use_the_same_k_and_budget_and_a_rerun_skips_every_stage(quality_quick):
     from gs_ray.evaluation_stages import run_evaluation
 
