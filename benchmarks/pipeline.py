@@ -128,7 +128,7 @@ def prepare(args, tmp: Path):
         pq.write_table(pa.Table.from_pylist(rows), bounded / "train" / "part-0.parquet")
         (bounded / "val").symlink_to(data_dir / "val")
         data_dir = bounded
-    with gradient_stream._ordered_execution():
+    with gradient_stream.ordered_execution():
         clusterer, fit = gradient_stream.fit_on_validation(cfg, str(data_dir), adapter_dir, tmp)
     setup = {"preset": preset, "model": cfg.model.name, "setup_s": round(time.perf_counter() - started, 1),
              "k": fit["k"], "dim": clusterer.dim, "val_samples": fit["val_samples"]}
@@ -148,7 +148,7 @@ def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
         .remote(cfg.cluster, state)
     )
     ray.get(actor.state_dict.remote())  # the actor is up before the clock starts
-    with gradient_stream._ordered_execution(), _BlockClock() as clock:
+    with gradient_stream.ordered_execution(), _BlockClock() as clock:
         clock.start = time.perf_counter()
         table = _stream(cfg, data_dir, adapter_dir, actor)
         seconds = time.perf_counter() - clock.start
@@ -243,7 +243,7 @@ def time_trivial(cfg, data_dir: Path) -> dict:
     """The stream pass's Ray Data plan (blocks, 1-actor pool, collect, sort) with no work in the actor."""
     grads = cfg.grads
     started = time.perf_counter()
-    with gradient_stream._ordered_execution():
+    with gradient_stream.ordered_execution():
         rows_per_block = grads.batch_size * gradient_stream.BATCHES_PER_BLOCK
         parts = gradient_stream._split_parts(str(data_dir / "train"), rows_per_block)
         blocks = ray.data.from_arrow_refs(gradient_stream._block_refs(parts, rows_per_block))

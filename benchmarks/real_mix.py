@@ -17,8 +17,8 @@ Run from the repository root:
    on q,v) on a local Ray (3 logical CPUs, see RAY_CPUS), automatic K; then re-runs only Stage II with
    cluster.k=3 (K = number of sources), reusing data and warm-up.
 3. With --evaluate, continues the automatic-K run through experts, router and
-   `gs-ray evaluate`: held-out loss per source of one LoRA trained on everything with the
-   experts' total steps vs routed experts (and base, oracle routing), and router accuracy.
+   `gs-ray evaluate` (every method and baseline; benchmarks/quality.py is the benchmark
+   built on it): held-out loss per source per method, and router accuracy.
 4. Prints JSON lines (mix, stage seconds, K and rule, spectrum, sizes, cluster x source
    cross-tab, purity / NMI / ARI for each run, the evaluation) and a final
    {"summary": true, ...} line.
@@ -104,6 +104,17 @@ def build_mix(datasets: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
+def write_mix(run_dir: Path, rows: list[dict]) -> Path:
+    """The mix as JSONL in the run dir; rewritten only when it changed (unchanged bytes keep the data stage current)."""
+    mix_path = run_dir / MIX_FILE
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not mix_path.is_file() or mix_path.read_text(encoding="utf-8") != text:
+        tmp = mix_path.with_name(f".{MIX_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, mix_path)
+    return mix_path
+
+
 def read_cluster_stage(run_dir: Path) -> dict:
     """What one Stage II run found: K, spectrum, sizes, cross-tab and agreement (read before a re-run replaces it)."""
     import pyarrow.parquet as pq
@@ -152,12 +163,13 @@ def run_evaluation(cfg) -> dict:
     summary = manifests["evaluate"]["summary"]
     per_source = {method: {"loss": round(result["loss"], 4), **{s: round(v, 4) for s, v in result["per_source"].items()}}
                   for method, result in summary["methods"].items()}
-    emit({"figure": "evaluation", "loss_per_token": per_source, "router_accuracy": round(summary["router_accuracy"], 4),
+    beats = [c["source"] for c in summary["comparisons"]
+             if c["against"] == "single_lora" and c["metric"] == "loss" and c["routed_better"]]
+    emit({"figure": "evaluation", "loss_per_token": per_source, "router_accuracy": summary["router_accuracy"],
           "router_holdout_accuracy": manifests["router"]["summary"]["accuracy"],
-          "routed_beats_single_lora_on": summary["routed_beats_single_lora_on"],
-          "single_lora_steps": summary["single_lora_steps"]})
-    return {"routed_beats_single_lora_on": summary["routed_beats_single_lora_on"], "sources": summary["sources"],
-            "router_accuracy": round(summary["router_accuracy"], 4), "loss_per_token": per_source}
+          "routed_beats_single_lora_on": beats, "training_steps": summary["training_steps"]})
+    return {"routed_beats_single_lora_on": beats, "sources": summary["sources"],
+            "router_accuracy": summary["router_accuracy"], "loss_per_token": per_source}
 
 
 def main() -> None:
@@ -181,10 +193,7 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     rows = build_mix(args.datasets, per_source, args.seed)
-    mix_path = run_dir / MIX_FILE
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not mix_path.is_file() or mix_path.read_text(encoding="utf-8") != text:  # unchanged bytes keep the data stage current
-        mix_path.write_text(text, encoding="utf-8")
+    mix_path = write_mix(run_dir, rows)
     emit({"figure": "mix", "mode": mode, "smoke_run": args.quick, "per_source": per_source, "seed": args.seed,
           "path": str(mix_path), "rows": dict(Counter(row["domain"] for row in rows)), "total": len(rows)})
 

@@ -6,7 +6,7 @@
     gs-ray cluster ...   # Stage II: gradients streamed past the clustering actor -> assignments
     gs-ray experts ...   # Stage III: K expert LoRAs, trained concurrently
     gs-ray router  ...   # Stage III: the request router (`run` stops here)
-    gs-ray evaluate ...  # held-out loss per source: base, one LoRA, routed experts, oracle routing
+    gs-ray evaluate ...  # baselines, held-out loss and exact match per source per method, report.md
     gs-ray config  ...   # print the resolved config with every field's documentation
     gs-ray serve   [--run-dir DIR] [--config ...] [--once TEXT]   # serve a finished run over HTTP
     gs-ray submit  STAGE --address http://HEAD:8265 [--working-dir DIR] [--no-wait] ...  # as a Ray job
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from gs_ray.config import Config, describe, load_config, preset_names
 from gs_ray.errors import GsRayError
-from gs_ray.pipeline import RUN_LAST_STAGE, STAGES, RunDir, run_stages
+from gs_ray.pipeline import EVALUATE_COMMAND, RUN_LAST_STAGE, STAGES, RunDir, run_stages
 
 EXIT_USER_ERROR = 2
 SERVE_POLL_S = 1.0
@@ -38,8 +38,9 @@ STAGE_HELP = {
     "cluster": "Stage II: per-sample LoRA gradients, K, and online clustering of the training split",
     "experts": "Stage III: one LoRA expert per cluster, trained in parallel",
     "router": "Stage III: the encoder router that picks one expert per request",
-    "evaluate": "held-out loss per source: base, one LoRA (same total steps), routed experts, oracle routing",
 }
+EVALUATE_HELP = ("baselines (one LoRA, embedding and random-projection clusters), held-out loss and exact match per "
+                 "source for every method, diagnostics, and report/report.md with plots")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run every stage")
     _add_config_arguments(run)
-    for name in STAGES:
-        stage = commands.add_parser(name, help=STAGE_HELP[name])
+    for name in (*STAGES, EVALUATE_COMMAND):
+        stage = commands.add_parser(name, help=STAGE_HELP.get(name, EVALUATE_HELP))
         _add_config_arguments(stage)
         stage.add_argument("--force", action="store_true", help="rebuild this stage even if it is up to date")
     show = commands.add_parser("config", help="print the resolved config with field documentation")
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBMITTABLE = ("run", *STAGES, "serve")
+SUBMITTABLE = ("run", *STAGES, EVALUATE_COMMAND, "serve")
 DEFAULT_ENTRYPOINT_CPUS = 1.0
 """The job's driver reserves one CPU: it plans stages and trains the router; the heavy work runs in workers."""
 
@@ -169,16 +170,23 @@ ARTIFACTS = {
     "cluster": "cluster/assignments.parquet, cluster/spectrum.png, cluster/cluster_sizes.png",
     "experts": "experts/expert-<e>/adapter (PEFT), experts/experts.json",
     "router": "router/router, router/router_metrics.json",
-    "evaluate": "evaluate/evaluation.json, evaluate/single-lora/adapter",
+    "evaluate": "evaluate/evaluation.json, evaluate/answers.jsonl, evaluate/single-lora/adapter, baselines/<method>/",
+    "report": "report/report.md (tables and PNG plots)",
 }
 """What each stage wrote that users reach for, relative to the run dir."""
+
+
+def _describe(name: str, summary: dict) -> str:
+    from gs_ray.evaluation_stages import describe_stage  # evaluation's modules load only when a summary is printed
+
+    return describe_stage(name, summary)
 
 
 def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
     run = RunDir(cfg.run.run_dir)
     print("\n== gs-ray summary ==")
     for name, manifest in manifests.items():
-        print(f"  {name:<8} {STAGES[name].describe(manifest['summary'])}  [{manifest['seconds']:.0f} s]")
+        print(f"  {name:<8} {_describe(name, manifest['summary'])}  [{manifest['seconds']:.0f} s]")
     print(f"  run dir  {run.location}" + (f" (local mirror {run.root})" if run.remote else ""))
     for name in manifests:
         if name in ARTIFACTS:

@@ -35,6 +35,8 @@ from gs_ray.sections import (  # noqa: F401  (re-exported: callers import sectio
     ClusterConfig,
     ExpertsConfig,
     RouterConfig,
+    BaselinesConfig,
+    EvaluateConfig,
     ServeConfig,
     RunConfig,
 )
@@ -53,6 +55,8 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -2,14 +2,14 @@
 
 `label_agreement` scores clusters against source labels. The evaluate stage
 (`gs-ray evaluate`) trains the one-LoRA baseline with the experts' total optimizer steps
-through the same loop, then measures held-out loss per target token, overall and per
-source label, for the base model, that baseline, routed experts (the router's pick per
-request) and oracle routing (each sample's own cluster's expert).
+through the same loop, then scores every held-out sample under each method (METHODS):
+loss per target token and, where the reference ends with `#### <number>`, exact match of
+a greedy answer, overall and per source label. The clustering diagnostics (agreement with
+the labels, variance ratios, gradient vs embedding cosines) are `gs_ray.diagnostics`'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -39,16 +39,19 @@ def label_agreement(clusters: np.ndarray | list[int], labels: list[str | None]) 
     }
 
 
+
 # ---------------------------------------------------------------- the evaluate stage
 
 SINGLE_LORA = "single-lora"
 """Folder (and adapter name) of the baseline: one LoRA on the whole train split, the experts' total steps."""
-BASE = "base"
-"""The base model without any adapter."""
-METHODS = ("base", "single_lora", "routed", "oracle")
-"""routed: each held-out sample to the expert the router picks from its request text;
-oracle: to its own gradient cluster's expert (what a perfect router would give)."""
+METHODS = ("base", "single_lora", "embedding", "random_projection", "routed", "ensemble", "oracle")
+"""base: no adapter; single_lora: one LoRA on everything; embedding / random_projection: the baselines'
+experts, each picked by the baseline's own router; routed: the GradientSpace expert the router picks (what
+serving does); ensemble: every GradientSpace expert, mixed by the router's probabilities; oracle: each
+sample's own gradient cluster's expert (a perfect router)."""
+CLUSTERINGS = ("gradientspace", "embedding", "random_projection")
 EVALUATION_FILE = "evaluation.json"
+ANSWERS_FILE = "answers.jsonl"
 
 
 def _train_single_lora(cfg: Config, run: Any, staging: Path, steps: int) -> dict[str, Any]:
@@ -71,98 +74,136 @@ def _train_single_lora(cfg: Config, run: Any, staging: Path, steps: int) -> dict
     return run_training(cfg, job).metrics
 
 
-def sample_losses(cfg: Config, adapters: dict[str, str], rows_by_adapter: dict[str, list[dict]]) -> dict[str, dict]:
-    """{adapter: {sample_id: (summed target-token loss, target tokens)}}; BASE means no adapter.
-
-    One base model holds every adapter (PEFT named adapters), as a serving replica does.
-    """
-    import torch
-
-    from gs_ray.data import pad_batch
-    from gs_ray.models import load_adapter, load_base_model, load_tokenizer
-    from gs_ray.train import token_losses
-
-    model = load_base_model(cfg.model)
-    for name, path in adapters.items():
-        model = load_adapter(model, path, adapter_name=name)
-    model.eval()
-    pad_id = load_tokenizer(cfg.model).pad_token_id or 0
-    batch_size = cfg.train.micro_batch_size
-    out: dict[str, dict] = {}
-    for name, rows in rows_by_adapter.items():
-        found = out.setdefault(name, {})
-        context = model.disable_adapter() if name == BASE else contextlib.nullcontext()
-        if name != BASE:
-            model.set_adapter(name)
-        with torch.no_grad(), context:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                losses, mask = token_losses(model, pad_batch(chunk, pad_id))
-                for row, loss, count in zip(chunk, losses.sum(1).tolist(), mask.sum(1).tolist()):
-                    found[row["sample_id"]] = (loss, count)
-    return out
-
-
-def _per_source(rows: list[dict], choice: list[str], losses: dict[str, dict]) -> dict[str, Any]:
-    """Loss per target token over all rows and per source label, each row scored under its chosen adapter."""
-    totals: dict[str, list[float]] = {}
-    for row, adapter in zip(rows, choice):
-        loss, count = losses[adapter][row["sample_id"]]
-        for key in ("all", row["label"] or "unlabelled"):
-            total = totals.setdefault(key, [0.0, 0])
-            total[0] += loss
-            total[1] += count
-    per_token = {key: loss / max(count, 1) for key, (loss, count) in totals.items()}
-    return {"loss": per_token.pop("all"), "per_source": dict(sorted(per_token.items()))}
-
-
-def _routes(run: Any, rows: list[dict], expert_of_cluster: list[int]) -> tuple[list[int], list[int]]:
-    """Expert of every held-out row: the router's pick, and its own cluster's (oracle)."""
+def routing(run: Any, rows: list[dict], prefix: str) -> dict[str, Any]:
+    """A clustering's experts for held-out rows: adapter paths, the router's pick and probabilities, each row's own expert."""
+    from gs_ray.experts import EXPERTS_FILE
     from gs_ray.router import Router, request_text
 
+    record = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())
     assigned = pq.read_table(run.stage_dir("cluster") / "eval_assignments.parquet", columns=["sample_id", "cluster"])
     cluster_of = dict(zip(assigned["sample_id"].to_pylist(), assigned["cluster"].to_pylist()))
-    router = Router.load(run.stage_dir("router") / "router")
-    routed, _ = router.predict([request_text(json.loads(row["messages"])) for row in rows])
-    return [int(e) for e in routed], [expert_of_cluster[cluster_of[row["sample_id"]]] for row in rows]
+    picked, probabilities = Router.load(run.stage_dir("router") / "router").predict(
+        [request_text(json.loads(row["messages"])) for row in rows])
+    names = [f"{prefix}expert-{e['expert']}" for e in record["experts"]]
+    return {"adapters": {name: str(run.stage_dir("experts") / name[len(prefix):] / "adapter") for name in names},
+            "names": names, "picked": [int(e) for e in picked], "probabilities": probabilities.tolist(),
+            "own": [record["expert_of_cluster"][cluster_of[row["sample_id"]]] for row in rows],
+            "steps": sum(e["steps"] for e in record["experts"])}
+
+
+def method_routes(rows: list[dict], routings: dict[str, dict[str, Any]]) -> dict[str, list]:
+    """The Route of every held-out row under every method."""
+    from gs_ray.scoring import BASE, Route
+
+    gs = routings["gradientspace"]
+    methods = {"base": [Route((BASE,))] * len(rows), "single_lora": [Route((SINGLE_LORA,))] * len(rows)}
+    for name in ("embedding", "random_projection"):
+        found = routings[name]
+        methods[name] = [Route((found["names"][e],)) for e in found["picked"]]
+    methods["routed"] = [Route((gs["names"][e],)) for e in gs["picked"]]
+    methods["ensemble"] = [Route(tuple(gs["names"]), tuple(p)) for p in gs["probabilities"]]
+    methods["oracle"] = [Route((gs["names"][e],)) for e in gs["own"]]
+    return methods
+
+
+def _per_source(rows: list[dict], values: list[float], weights: list[float]) -> dict[str, Any]:
+    """Weighted mean of values overall ("all") and per source label."""
+    totals: dict[str, list[float]] = {}
+    for row, value, weight in zip(rows, values, weights):
+        for key in ("all", row["label"] or "unlabelled"):
+            total = totals.setdefault(key, [0.0, 0.0])
+            total[0] += value
+            total[1] += weight
+    return {key: value / weight for key, (value, weight) in sorted(totals.items()) if weight > 0}
+
+
+def method_metrics(rows: list[dict], scored: dict[str, Any], generate: list[int]) -> dict[str, Any]:
+    """Loss per target token and exact match, overall and per source, of one method."""
+    from gs_ray.exact_match import is_correct
+
+    loss = _per_source(rows, scored["loss_sums"], scored["token_counts"])
+    checked = [rows[i] for i in generate]
+    correct = [float(is_correct(scored["answers"][i], rows[i]["response"])) for i in generate]
+    exact = _per_source(checked, correct, [1.0] * len(checked))
+    samples = Counter(row["label"] or "unlabelled" for row in checked)
+    return {"loss": loss.pop("all"), "per_source": loss, "exact_match": exact.pop("all", None),
+            "exact_match_per_source": exact, "exact_match_samples": dict(sorted(samples.items()))}
+
+
+def checkable_rows(rows: list[dict], limit: int) -> list[int]:
+    """Indices of up to `limit` held-out rows whose reference ends with a checkable `#### number`."""
+    from gs_ray.exact_match import reference_answer
+
+    return [i for i, row in enumerate(rows) if reference_answer(row["response"]) is not None][:limit]
 
 
 def evaluate_run(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
-    """Held-out loss per source of base, one LoRA, routed experts and oracle routing; write evaluation.json."""
+    """Every method on the held-out split, the clustering diagnostics; write evaluation.json and answers.jsonl."""
     import ray
 
+    from gs_ray.baselines import BaselineRun
     from gs_ray.data import load_split
-    from gs_ray.experts import EXPERTS_FILE
+    from gs_ray.diagnostics import clustering_diagnostics
+    from gs_ray.scoring import score_methods
 
     rows = load_split(str(run.stage_dir("data") / "eval"))
     if not rows:
         raise DataError("the eval split is empty: nothing to evaluate (raise data.eval_fraction)")
-    record = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())
-    experts = record["experts"]
-    steps = sum(expert["steps"] for expert in experts)
+    routings = {"gradientspace": routing(run, rows, "")}
+    for name in ("embedding", "random_projection"):
+        routings[name] = routing(BaselineRun(run, name), rows, f"{name}-")
+    steps = routings["gradientspace"]["steps"]
     single = _train_single_lora(cfg, run, staging, steps)
-    routed, oracle = _routes(run, rows, record["expert_of_cluster"])
-    choices = {"base": [BASE] * len(rows), "single_lora": [SINGLE_LORA] * len(rows),
-               "routed": [f"expert-{e}" for e in routed], "oracle": [f"expert-{e}" for e in oracle]}
-    adapters = {f"expert-{e['expert']}": str(run.stage_dir("experts") / f"expert-{e['expert']}" / "adapter") for e in experts}
-    adapters[SINGLE_LORA] = str(staging / SINGLE_LORA / "adapter")
-    needed: dict[str, dict[str, dict]] = {}  # adapter -> the rows it must score, by sample_id
-    for choice in choices.values():
-        for row, adapter in zip(rows, choice):
-            needed.setdefault(adapter, {})[row["sample_id"]] = row
+    adapters = {SINGLE_LORA: str(staging / SINGLE_LORA / "adapter")}
+    for found in routings.values():
+        adapters |= found["adapters"]
+    generate = checkable_rows(rows, cfg.evaluate.exact_match_samples)
     resources = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else 0}
-    losses = ray.get(ray.remote(sample_losses).options(**resources).remote(
-        cfg, adapters, {name: list(found.values()) for name, found in needed.items()}))
-    methods = {method: _per_source(rows, choices[method], losses) for method in METHODS}
-    single_sources, routed_sources = methods["single_lora"]["per_source"], methods["routed"]["per_source"]
+    scored = ray.get(ray.remote(score_methods).options(**resources).remote(
+        cfg, adapters, rows, method_routes(rows, routings), generate))
+    _write_answers(staging / ANSWERS_FILE, rows, scored, generate)
+    methods = {method: method_metrics(rows, scored[method], generate) for method in METHODS}
     summary = {
         "methods": methods,
-        "router_accuracy": float(np.mean(np.asarray(routed) == np.asarray(oracle))),
-        "routed_beats_single_lora_on": [s for s in routed_sources if routed_sources[s] < single_sources[s]],
-        "sources": sorted(routed_sources),
-        "single_lora_steps": steps,
+        "router_accuracy": {name: float(np.mean(np.asarray(found["picked"]) == np.asarray(found["own"])))
+                            for name, found in routings.items()},
+        "training_steps": {name: found["steps"] for name, found in routings.items()} | {"single_lora": single["step"]},
+        "sources": sorted({row["label"] or "unlabelled" for row in rows}),
         "single_lora_eval_loss_end": single.get("eval_loss_end"),
-        "eval_samples": len(rows),
+        "eval_samples": len(rows), "exact_match_samples": len(generate),
+        "diagnostics": clustering_diagnostics(cfg, run, staging),
     }
+    summary["comparisons"] = comparisons(summary)
     (staging / EVALUATION_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _write_answers(path: Path, rows: list[dict], scored: dict[str, Any], generate: list[int]) -> None:
+    from gs_ray.exact_match import is_correct
+
+    with path.open("w", encoding="utf-8") as out:
+        for method, found in scored.items():
+            for i in generate:
+                answer = found["answers"][i]
+                out.write(json.dumps({"method": method, "sample_id": rows[i]["sample_id"], "label": rows[i]["label"],
+                                      "answer": answer, "correct": is_correct(answer, rows[i]["response"])}) + "\n")
+
+
+def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Routed GradientSpace against every other method, per source and metric: who wins, by how much."""
+    methods, found = summary["methods"], []
+    routed = methods["routed"]
+    for other in METHODS:
+        if other == "routed":
+            continue
+        for source in summary["sources"]:
+            ours, theirs = routed["per_source"].get(source), methods[other]["per_source"].get(source)
+            if ours is not None and theirs is not None:
+                found.append({"against": other, "source": source, "metric": "loss", "routed": ours, "other": theirs,
+                              "routed_better": ours < theirs})
+            ours = routed["exact_match_per_source"].get(source)
+            theirs = methods[other]["exact_match_per_source"].get(source)
+            if ours is not None and theirs is not None:
+                found.append({"against": other, "source": source, "metric": "exact_match", "routed": ours,
+                              "other": theirs, "routed_better": ours > theirs})
+    return found

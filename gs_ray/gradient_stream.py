@@ -174,7 +174,7 @@ def _gradient_pass(cfg: Config, tables: Iterable[pa.Table | pa.RecordBatch], ada
 
 
 @contextlib.contextmanager
-def _ordered_execution():
+def ordered_execution():
     """Keep Ray Data's output in input order: streaming results then depend on the seed only."""
     context = ray.data.DataContext.get_current()
     previous = context.execution_options.preserve_order
@@ -196,21 +196,32 @@ def _validation_rows(cfg: Config, data: str) -> list[dict]:
     return [{column: row[column] for column in INPUT_COLUMNS} for row in rows]
 
 
+def gradients_to_file(cfg: Config, rows: list[dict], adapter_dir: str, path: str) -> tuple[list[str], np.memmap]:
+    """Every row's full LoRA gradient, written into a float32 memory-mapped file (rows x d) as they arrive.
+
+    Returns the sample ids in the file's row order (the pool sorts rows by length within
+    blocks, so it is not the input order) and the matrix. Rows need INPUT_COLUMNS.
+    """
+    matrix, ids = None, []
+    for batch in _gradient_pass(cfg, [pa.Table.from_pylist(rows)], adapter_dir, "gradients"):
+        if not batch.num_rows:
+            continue
+        block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False))
+        if matrix is None:  # d is known once the first gradients arrive
+            matrix = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(rows), block.shape[1]))
+        matrix[len(ids) : len(ids) + len(block)] = block
+        ids.extend(batch["sample_id"].to_pylist())
+    if matrix is None:
+        raise DataError("no gradients were computed: the rows are empty")
+    return ids, matrix
+
+
 def fit_on_validation(cfg: Config, data: str, adapter_dir: str, scratch: Path) -> tuple[OnlineSVDClusterer, dict]:
     """K and initial centroids from the validation gradients, held in a memory-mapped file only."""
     rows = _validation_rows(cfg, data)
     clusterer = OnlineSVDClusterer(cfg.cluster, seed=cfg.run.seed)
     with tempfile.NamedTemporaryFile(dir=scratch, prefix=".val-gradients-", suffix=".f32") as handle:
-        matrix = None
-        filled = 0
-        for batch in _gradient_pass(cfg, [pa.Table.from_pylist(rows)], adapter_dir, "gradients"):
-            if not batch.num_rows:
-                continue
-            block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False))
-            if matrix is None:  # d is known once the first gradients arrive
-                matrix = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(len(rows), block.shape[1]))
-            matrix[filled : filled + len(block)] = block
-            filled += len(block)
+        _, matrix = gradients_to_file(cfg, rows, adapter_dir, handle.name)
         fit = clusterer.fit_validation(matrix)
         del matrix
     fit["val_samples"] = len(rows)
@@ -233,7 +244,7 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
     """
     from safetensors.numpy import save_file
 
-    with _ordered_execution():
+    with ordered_execution():
         clusterer, fit = fit_on_validation(cfg, data, adapter_dir, out_dir)
         checkpoint = out_dir / ACTOR_CHECKPOINT
         # Pinned to this node: its checkpoint is in this node's staging folder, and a restart must find it.

@@ -27,7 +27,7 @@ from typing import Any
 
 from gs_ray import storage
 from gs_ray.config import Config
-from gs_ray.errors import ModelError
+from gs_ray.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -340,50 +340,44 @@ def _describe_router(summary: dict[str, Any]) -> str:
             if accuracy is not None else "trained (no holdout)")
 
 
-def _build_evaluate(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
-    from gs_ray.evaluate import evaluate_run
-
-    return evaluate_run(cfg, run, staging)
-
-
-def _describe_evaluate(summary: dict[str, Any]) -> str:
-    losses = ", ".join(f"{method} {result['loss']:.3f}" for method, result in summary["methods"].items())
-    wins = summary["routed_beats_single_lora_on"]
-    return (f"held-out loss per token: {losses}; routed beats one LoRA on {len(wins)}/{len(summary['sources'])} "
-            f"sources; router accuracy {summary['router_accuracy']:.3f}")
-
-
 DATA = Stage("data", ("model", "data"), (), _build_data, _describe_data)
 WARMUP = Stage("warmup", ("model", "lora", "train", "warmup"), ("data",), _build_warmup, _describe_warmup)
 CLUSTER = Stage("cluster", ("model", "grads", "cluster"), ("data", "warmup"), _build_cluster, _describe_cluster)
 EXPERTS = Stage("experts", ("model", "lora", "train", "experts"), ("data", "warmup", "cluster"), _build_experts, _describe_experts)
 ROUTER = Stage("router", ("router",), ("data", "cluster", "experts"), _build_router, _describe_router)
-EVALUATE = Stage("evaluate", ("model", "lora", "train", "experts"), ("data", "warmup", "cluster", "experts", "router"),
-                 _build_evaluate, _describe_evaluate)
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER, EXPERTS, ROUTER, EVALUATE)}
-"""Every stage, in pipeline order."""
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (DATA, WARMUP, CLUSTER, EXPERTS, ROUTER)}
+"""Every pipeline stage, in order. Evaluation's stages (baselines, metrics, report) are gs_ray.evaluation_stages'."""
 RUN_LAST_STAGE = "router"
-"""Where `gs-ray run` stops: evaluation trains a baseline too, so it runs when asked (`gs-ray evaluate`)."""
+"""Where `gs-ray run` stops: evaluation trains baselines too, so it runs when asked (`gs-ray evaluate`)."""
+EVALUATE_COMMAND = "evaluate"
+
+
+def bring_up_to_date(cfg: Config, run: RunDir, stage: Stage, *, force: bool = False, label: str = "") -> dict[str, Any]:
+    """The stage's manifest: the existing one if current (and not forced), else a fresh build; one line printed."""
+    label = label or stage.name
+    if run.is_current(cfg, stage) and not force:
+        print(f"[{label}] up to date ({run.stage_dir(stage.name)})", flush=True)
+        return run.manifest(stage.name)
+    print(f"[{label}] running ...", flush=True)
+    manifest = run.build(cfg, stage)
+    print(f"[{label}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}", flush=True)
+    return manifest
 
 
 def run_stages(cfg: Config, last: str, *, force: bool = False) -> dict[str, dict[str, Any]]:
     """Bring every stage up to `last` up to date; return their manifests.
 
     Requires an initialised Ray. Stages that are current are skipped unless `force`
-    (which rebuilds only `last`).
+    (which rebuilds only `last`). `last="evaluate"` continues through the evaluation stages.
     """
+    if last == EVALUATE_COMMAND:
+        from gs_ray.evaluation_stages import run_evaluation  # built on this module, so imported late
+
+        return run_evaluation(cfg, force=force)
+    if last not in STAGES:
+        raise ConfigError(f"unknown stage {last!r}; stages: {', '.join([*STAGES, EVALUATE_COMMAND])}")
     run = RunDir(cfg.run.run_dir)
     run.save_config(cfg)
     names = list(STAGES)
-    manifests = {}
-    for name in names[: names.index(last) + 1]:
-        stage = STAGES[name]
-        if run.is_current(cfg, stage) and not (force and name == last):
-            manifests[name] = run.manifest(name)
-            print(f"[{name}] up to date ({run.stage_dir(name)})", flush=True)
-            continue
-        print(f"[{name}] running ...", flush=True)
-        manifest = run.build(cfg, stage)
-        manifests[name] = manifest
-        print(f"[{name}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}", flush=True)
-    return manifests
+    return {name: bring_up_to_date(cfg, run, STAGES[name], force=force and name == last)
+            for name in names[: names.index(last) + 1]}

@@ -163,6 +163,15 @@ class Router(torch.nn.Module):
         return router.to(device).eval()
 
 
+def embed_texts(cfg: RouterConfig, texts: list[str]) -> np.ndarray:
+    """The router encoder's embeddings of texts (mean-pooled, normalized): what the embedding baseline clusters."""
+    encoder, tokenizer = _load_encoder(resolve_encoder(cfg.encoder))
+    # A one-output head that is never used: the embedding path is the Router's own, in one place.
+    router = Router(encoder, tokenizer, 1, encoder_source=cfg.encoder, max_length=cfg.max_length,
+                    batch_size=cfg.batch_size)
+    return router.embed_all([str(t) for t in texts]).cpu().numpy()
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, holdout) indices: about `fraction` of each cluster held out, at least one sample kept to train."""
     rng = np.random.default_rng(seed)

@@ -345,6 +345,42 @@ class ServeConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The clustering baselines `gs-ray evaluate` compares GradientSpace with (same K, stages and step budget)."""
+
+    projection_dim: int = 8192
+    """Dimensions of the random-projection baseline's gradient features (LESS and ELREA use 8192)."""
+    projection_seed: int = 0
+    """Seed of the Rademacher projection matrix (entries +-1/sqrt(projection_dim))."""
+    kmeans_restarts: int = 10
+    """k-means restarts of the embedding and random-projection clusterings (best inertia wins)."""
+
+    def __post_init__(self) -> None:
+        _check(self.projection_dim >= 2, "baselines.projection_dim", f"must be >= 2, got {self.projection_dim}")
+        _check(self.kmeans_restarts >= 1, "baselines.kmeans_restarts", f"must be >= 1, got {self.kmeans_restarts}")
+
+
+@dataclass
+class EvaluateConfig:
+    """Held-out metrics of `gs-ray evaluate`: generation for exact match, and the diagnostics."""
+
+    max_new_tokens: int = 256
+    """Tokens generated per answer for exact match (greedy); bounds the cost of generation."""
+    exact_match_samples: int = 200
+    """Most checkable held-out samples (a reference with a final `#### answer`) generated per method; 0 skips."""
+    generation_batch_size: int = 8
+    """Answers decoded together in one batch."""
+    cosine_pairs: int = 2000
+    """Sample pairs compared by gradient cosine and embedding cosine (the paper's Fig. 4)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "evaluate.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.exact_match_samples >= 0, "evaluate.exact_match_samples", "must be >= 0")
+        _check(self.generation_batch_size >= 1, "evaluate.generation_batch_size", "must be >= 1")
+        _check(self.cosine_pairs >= 1, "evaluate.cosine_pairs", f"must be >= 1, got {self.cosine_pairs}")
+
+
+@dataclass
 class RunConfig:
     """Where a run lives and what it runs on."""
 

@@ -1,0 +1,155 @@
+"""Quality benchmark: GradientSpace against its baselines on the real data mix, end to end.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/quality.py [--config demo|gpu|tiny|FILE] [--datasets ../shared/datasets]
+        [--mix real|builtin] [--run-dir DIR] [--per-source N] [--seed S] [--quick] [section.field=value ...]
+
+1. Builds the real mix (GSM8K + MBPP + Alpaca seed tasks, N rows per source, with
+   benchmarks/real_mix.py's builder) into the run dir, or uses the package's built-in
+   mix (`--mix builtin`: GSM8K, MBPP, string tasks).
+2. Runs the pipeline (data, warm-up, Stage II, experts, router) and `gs-ray evaluate`:
+   the analysis stage, the embedding and random-projection baselines (their own clusters,
+   experts and router, same K and step budget), the one-LoRA baseline, every method on the
+   held-out split (loss per token, GSM8K exact match), the diagnostics, and
+   report/report.md with its PNGs. Finished stages are skipped on a re-run.
+3. Prints JSON lines (mix, config, stage seconds, one line per method, diagnostics) and a
+   final {"summary": true, ...} line naming, per method, the mean held-out loss and the
+   exact match per source; writes the same summary to <run-dir>/quality.json.
+
+--quick: a smoke run whose figures mean nothing: 40 rows per source, short generation
+(QUICK_OVERRIDES). With `--config tiny` (a random two-layer model) it finishes in minutes
+on 2 CPU cores. Overrides given on the command line are applied last.
+
+The full benchmark (on a GPU machine):
+
+    python benchmarks/quality.py --config gpu --datasets ../shared/datasets --run-dir runs/quality-gpu --per-source 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
+
+import real_mix  # noqa: E402  (the mix builder, shared with the Stage II benchmark)
+
+SEED = real_mix.SEED
+PER_SOURCE = {"quick": 40, "full": 300}
+SPLIT_OVERRIDES = ("data.sample_fraction=1.0", "data.warmup_fraction=0.15", "data.val_fraction=0.1",
+                   "data.eval_fraction=0.15")
+"""For a mix built here: the whole mix, a warm-up split of a few dozen samples per source, and 15% held out
+so that each source has enough held-out samples for per-source figures."""
+QUICK_OVERRIDES = ("evaluate.max_new_tokens=8", "evaluate.exact_match_samples=4", "evaluate.cosine_pairs=200",
+                   "baselines.projection_dim=256")
+"""A smoke run: few, short answers and a small projection; figures mean nothing."""
+LOCAL_RAY_CPUS = 4
+"""Logical CPUs of a local Ray without a GPU preset: Train workers, the gradient actor and Ray Data tasks on 2 cores."""
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo", help="preset (demo, gpu, tiny) or YAML file; default demo")
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets",
+                        help="folder with gsm8k_train.jsonl, mbpp_train.jsonl, alpaca_seed_tasks.jsonl")
+    parser.add_argument("--mix", choices=("real", "builtin"), default="real",
+                        help="real: build the mix from --datasets; builtin: the package's own mix")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default runs/quality (runs/quality-quick with --quick)")
+    parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 300, 40 with --quick)")
+    parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small mix, short generation")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.field=value, applied last")
+    return parser.parse_args(argv)
+
+
+def data_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """Overrides that point the config at the mix (nothing for the built-in mix: the preset's data section holds)."""
+    if args.mix == "builtin":
+        return []
+    per_source = args.per_source or PER_SOURCE["quick" if args.quick else "full"]
+    rows = real_mix.build_mix(args.datasets, per_source, args.seed)
+    mix_path = real_mix.write_mix(run_dir, rows)
+    emit({"figure": "mix", "per_source": per_source, "seed": args.seed, "path": str(mix_path),
+          "rows": dict(Counter(row["domain"] for row in rows)), "total": len(rows)})
+    return [f"data.paths=[{mix_path}]", *SPLIT_OVERRIDES]
+
+
+def summary_line(evaluation: dict, manifests: dict, args: argparse.Namespace, seconds: float) -> dict:
+    """Per method: mean held-out loss and exact match per source; plus the diagnostics' headline figures."""
+    methods = {method: {"loss": round(result["loss"], 4),
+                        "exact_match": {s: round(v, 4) for s, v in result["exact_match_per_source"].items()}}
+               for method, result in evaluation["methods"].items()}
+    clusterings = evaluation["diagnostics"]["clusterings"]
+    return {
+        "summary": True, "smoke_run": args.quick, "config": args.config, "mix": args.mix,
+        "methods": methods, "router_accuracy": evaluation["router_accuracy"],
+        "nmi": {name: round(found["agreement"]["nmi"], 4) for name, found in clusterings.items()
+                if found.get("agreement")},
+        "variance_ratio_normalized": {name: round(found["variance_ratio_normalized"], 4)
+                                      for name, found in clusterings.items()},
+        "routed_loses_to": sorted({c["against"] for c in evaluation["comparisons"] if not c["routed_better"]}),
+        "stage_seconds": {name: manifest["seconds"] for name, manifest in manifests.items()},
+        "wall_seconds": round(seconds, 1), "report": str(Path(manifests["report"]["summary"]["report"])),
+    }
+
+
+def write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    run_dir = (args.run_dir or ROOT / "runs" / ("quality-quick" if args.quick else "quality")).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    from gs_ray.config import load_config
+    from gs_ray.evaluation_stages import run_evaluation
+
+    overrides = [f"run.run_dir={run_dir}", *data_overrides(args, run_dir), *(QUICK_OVERRIDES if args.quick else ()),
+                 *args.overrides]
+    cfg = load_config(args.config, overrides)
+    emit({"figure": "config", "preset": args.config, "overrides": overrides, "model": cfg.model.name,
+          "lora_r": cfg.lora.r, "warmup_steps": cfg.warmup.max_steps, "expert_steps": cfg.experts.max_steps})
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        resources = {} if cfg.train.use_gpu else {"num_cpus": LOCAL_RAY_CPUS}
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, **resources)
+    try:
+        started = time.time()
+        manifests = run_evaluation(cfg)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    evaluation = manifests["evaluate"]["summary"]
+    for method, result in evaluation["methods"].items():
+        emit({"figure": "method", "method": method, "loss": result["loss"], "per_source": result["per_source"],
+              "exact_match": result["exact_match"], "exact_match_per_source": result["exact_match_per_source"]})
+    emit({"figure": "diagnostics", **evaluation["diagnostics"]})
+    summary = summary_line(evaluation, manifests, args, time.time() - started)
+    summary["report"] = str(run_dir / summary["report"])
+    write_json(run_dir / "quality.json", summary)
+    emit(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

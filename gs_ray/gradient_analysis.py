@@ -1,0 +1,134 @@
+"""Per-sample gradients for evaluation: the random-projection baseline's features and the diagnostics.
+
+The `analysis` stage computes the full LoRA gradient of every train and eval sample with
+the warm-up adapter (the Stage II worker pool, mode "gradients"), holds them only in a
+memory-mapped scratch file, and keeps two small things:
+
+- the Gram matrix G G^T of all rows (n x n, float64). Everything the report asks of the
+  gradients follows from it: cosines, the within-cluster variance of any clustering
+  (`variance_ratio`), and a 2-D PCA (`pca_2d`);
+- the rows projected to `baselines.projection_dim` dimensions by a seeded Rademacher
+  matrix, as LESS and ELREA do (`rademacher_project`), for the random-projection baseline.
+
+The Rademacher matrix (d x p, entries +-1/sqrt(p)) is never held whole: it is generated
+in fixed blocks of PROJECTION_BLOCK rows, each from its own seed (projection_seed, block
+index), so the result depends only on the seed and not on how the work is split.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gs_ray.cluster import gram_matrix
+from gs_ray.config import Config
+from gs_ray.errors import DataError
+
+PROJECTION_BLOCK = 2048
+"""Rows of the d x p Rademacher matrix generated at a time (p = 8192: 64 MiB of float32)."""
+ZERO_NORM = 1e-12
+"""Gradients with a norm at or below this have no direction; their cosines are 0."""
+GRAM_FILE = "gradients.safetensors"
+ROWS_FILE = "rows.parquet"
+ANALYSIS_SPLITS = ("train", "eval")
+
+
+def rademacher_block(seed: int, block: int, rows: int, dim: int) -> np.ndarray:
+    """Rows [block * PROJECTION_BLOCK, + rows) of the projection matrix: +-1/sqrt(dim), seeded per block."""
+    rng = np.random.default_rng([seed, block])
+    bits = np.unpackbits(np.frombuffer(rng.bytes((rows * dim + 7) // 8), dtype=np.uint8))[: rows * dim]
+    signs = bits.astype(np.float32).reshape(rows, dim) * 2.0 - 1.0
+    return signs / np.float32(np.sqrt(dim))
+
+
+def rademacher_project(matrix, dim: int, seed: int) -> np.ndarray:
+    """matrix (n x d, may be a memmap) @ R (d x dim), R Rademacher: inner products are preserved in expectation."""
+    import torch
+
+    n, d = matrix.shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.zeros((n, dim), dtype=torch.float32, device=device)
+    for block, start in enumerate(range(0, d, PROJECTION_BLOCK)):
+        rows = min(PROJECTION_BLOCK, d - start)
+        columns = torch.from_numpy(np.ascontiguousarray(matrix[:, start : start + rows], dtype=np.float32)).to(device)
+        out += columns @ torch.from_numpy(rademacher_block(seed, block, rows, dim)).to(device)
+    return out.cpu().numpy()
+
+
+def cosine_matrix(gram: np.ndarray) -> np.ndarray:
+    """Cosines between rows from their Gram matrix; rows without a gradient have cosine 0 with everything."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    inverse = np.where(norms > ZERO_NORM, 1.0 / np.maximum(norms, ZERO_NORM), 0.0)
+    return gram * inverse[:, None] * inverse[None, :]
+
+
+def variance_ratio(gram: np.ndarray, groups: np.ndarray | list) -> float:
+    """Mean within-group variance over the variance of the whole set, from the rows' Gram matrix.
+
+    Variance is the mean squared distance to the mean; for a set S,
+    sum_{i in S} ||x_i - mean_S||^2 = sum_i G_ii - (1 / |S|) sum_{i,j in S} G_ij.
+    Grouping can only lower it (ratio <= 1); clusters that capture how gradients differ lower it most.
+    """
+    groups = np.asarray(groups)
+    if len(groups) != len(gram):
+        raise DataError(f"variance_ratio got {len(groups)} groups for {len(gram)} rows")
+    total = np.trace(gram) - gram.sum() / len(gram)
+    within = np.trace(gram)
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        within -= gram[np.ix_(members, members)].sum() / len(members)
+    return float(within / total) if total > ZERO_NORM else float("nan")
+
+
+def pca_2d(gram: np.ndarray) -> np.ndarray:
+    """The rows' coordinates on their top two principal components (n x 2), from the Gram matrix of the rows."""
+    n = len(gram)
+    centering = np.eye(n) - np.full((n, n), 1.0 / n)
+    eigenvalues, eigenvectors = np.linalg.eigh(centering @ gram @ centering)
+    top = np.argsort(eigenvalues)[::-1][:2]
+    return eigenvectors[:, top] * np.sqrt(np.clip(eigenvalues[top], 0.0, None))
+
+
+def load_analysis(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """(arrays {"gram", "projected"}, rows {"sample_id", "split", "label"}) of a finished analysis stage."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / GRAM_FILE)), pq.read_table(folder / ROWS_FILE).to_pydict()
+
+
+def build_analysis(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
+    """The analysis stage: gradients of the train and eval splits -> Gram matrix, projections, row table."""
+    from safetensors.numpy import save_file
+
+    from gs_ray.data import load_split
+    from gs_ray.gradient_stream import INPUT_COLUMNS, ordered_execution, gradients_to_file
+
+    rows, split_of = [], {}
+    for split in ANALYSIS_SPLITS:
+        for row in load_split(str(run.stage_dir("data") / split)):
+            rows.append({column: row[column] for column in INPUT_COLUMNS})
+            split_of[row["sample_id"]] = split
+    if not rows:
+        raise DataError("the train and eval splits are empty: nothing to analyse")
+    label_of = {row["sample_id"]: row["label"] for row in rows}
+    adapter = run.shared(run.stage_dir("warmup") / "adapter")
+    # The scratch file lives in the staging folder only while this runs: n x d floats are never kept.
+    with ordered_execution(), tempfile.NamedTemporaryFile(dir=staging, prefix=".gradients-", suffix=".f32") as handle:
+        ids, matrix = gradients_to_file(cfg, rows, adapter, handle.name)
+        gram = gram_matrix(matrix)
+        projected = rademacher_project(matrix, cfg.baselines.projection_dim, cfg.baselines.projection_seed)
+        dim = int(matrix.shape[1])
+        del matrix
+    save_file({"gram": gram, "projected": projected}, str(staging / GRAM_FILE))
+    table = {"sample_id": ids, "split": [split_of[i] for i in ids], "label": [label_of[i] for i in ids]}
+    pq.write_table(pa.table(table), staging / ROWS_FILE)
+    summary = {"rows": {split: table["split"].count(split) for split in ANALYSIS_SPLITS}, "dim": dim,
+               "projection_dim": cfg.baselines.projection_dim}
+    (staging / "analysis.json").write_text(json.dumps(summary, indent=2))
+    return summary

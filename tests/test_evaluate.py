@@ -1,0 +1,219 @@
+"""Evaluation: exact match, the random projection, the diagnostics, the baselines and quality.py end to end."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gs_ray.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
+from gs_ray.diagnostics import cosine_pairs, pair_summary
+from gs_ray.evaluate import METHODS, comparisons
+from gs_ray.exact_match import is_correct, predicted_answer, reference_answer
+from gs_ray.gradient_analysis import PROJECTION_BLOCK, cosine_matrix, pca_2d, rademacher_project, variance_ratio
+from gs_ray.pipeline import RunDir
+from gs_ray.report_markdown import render, shortfalls
+from gs_ray.scoring import mixed_token_losses
+
+ROOT = Path(__file__).resolve().parent.parent
+QUALITY_TIMEOUT_S = 1800
+"""The first test to use quality_quick may also build the shared finished tiny run: on 2 busy cores that
+plus every evaluation stage took over the suite's default 900 s."""
+
+
+@pytest.mark.parametrize("generated, correct", [
+    ("Half of 84 is 42.\n#### 42", True),
+    ("#### 42.0", True),
+    ("####42", True),
+    ("The answer is 42.", True),          # no marker: the last number counts
+    ("42 apples, and then 43", False),    # ... so a later number wins
+    ("#### 41\nor maybe 42", False),      # the marked number wins over a later one
+    ("#### -42", False),
+    ("no number at all", False),
+    ("", False),
+])
+def test_gsm8k_exact_match_variants(generated, correct):
+    assert is_correct(generated, "She has 40 + 2 = 42.\n#### 42") is correct
+
+
+def test_exact_match_compares_values_and_needs_a_checkable_reference():
+    assert is_correct("#### 1,000", "#### 1000") and is_correct("$1000.00", "so\n#### 1,000")
+    assert reference_answer("def f(): return 42") is None  # MBPP-style: not checkable
+    assert not is_correct("42", "def f(): return 42")
+    assert predicted_answer("#### 12 apples") == predicted_answer("12")
+
+
+def test_rademacher_projection_is_seeded_deterministic_and_preserves_norms():
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(12, PROJECTION_BLOCK + 900)).astype(np.float32)  # two blocks, the second partial
+    first, again = rademacher_project(grads, 4096, seed=7), rademacher_project(grads, 4096, seed=7)
+    other = rademacher_project(grads, 4096, seed=8)
+    assert first.shape == (12, 4096) and np.array_equal(first, again) and not np.allclose(first, other)
+    ratio = np.linalg.norm(first, axis=1) / np.linalg.norm(grads, axis=1)
+    assert np.all(np.abs(ratio - 1) < 0.1), ratio  # Johnson-Lindenstrauss: ~ sqrt(2 / 4096) relative error
+    # A memmap-like row slice projects the same as the whole (blocks are seeded by index, not by caller).
+    assert np.allclose(rademacher_project(grads[:3], 4096, seed=7), first[:3], atol=1e-4)
+
+
+def test_variance_ratio_is_below_one_on_planted_clusters_and_matches_the_direct_formula():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 40)) * 3
+    planted = np.repeat(np.arange(3), 20)
+    rows = centres[planted] + rng.normal(size=(60, 40))
+    gram = rows @ rows.T
+    direct = sum(((rows[planted == c] - rows[planted == c].mean(0)) ** 2).sum() for c in range(3))
+    total = ((rows - rows.mean(0)) ** 2).sum()
+    assert variance_ratio(gram, planted) == pytest.approx(direct / total, rel=1e-9)
+    assert variance_ratio(gram, planted) < 0.2
+    assert variance_ratio(gram, rng.permutation(planted)) > 0.8  # clusters unrelated to the gradients explain little
+    assert variance_ratio(gram, np.zeros(60)) == pytest.approx(1.0)
+    assert np.allclose(np.diag(cosine_matrix(gram)), 1.0)
+    coordinates = pca_2d(gram)  # the planted clusters separate on the first two components
+    assert coordinates.shape == (60, 2)
+    assert variance_ratio(coordinates @ coordinates.T, planted) < 0.1
+
+
+def test_mixture_loss_is_the_mixed_distributions_loss():
+    first, second = np.array([0.5, 2.0]), np.array([1.5, 0.1])
+    assert np.allclose(mixed_token_losses([first, second], (1.0, 0.0)), first)
+    mixed = mixed_token_losses([first, second], (0.3, 0.7))
+    assert np.allclose(mixed, -np.log(0.3 * np.exp(-first) + 0.7 * np.exp(-second)))
+    assert np.all(mixed <= np.maximum(first, second)) and np.all(mixed >= np.minimum(first, second))
+
+
+def test_spherical_kmeans_finds_k_clusters_deterministically():
+    rng = np.random.default_rng(2)
+    rows = np.vstack([rng.normal(size=(15, 8)) + 6 * np.eye(8)[i] for i in range(3)])
+    clusters, centroids = spherical_kmeans(rows, 3, restarts=3, seed=0)
+    again, _ = spherical_kmeans(rows, 3, restarts=3, seed=0)
+    assert np.array_equal(clusters, again) and sorted(np.bincount(clusters)) == [15, 15, 15]
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0)
+
+
+def test_a_baseline_run_owns_clusters_experts_router_and_shares_the_rest(tmp_path):
+    run = RunDir(tmp_path / "run")
+    baseline = BaselineRun(run, "embedding")
+    assert baseline.stage_dir("experts") == tmp_path / "run" / "baselines" / "embedding" / "experts"
+    assert baseline.stage_dir("data") == run.stage_dir("data") and baseline.stage_dir("analysis") == run.stage_dir("analysis")
+    assert baseline.ray_train_storage == run.ray_train_storage
+    with pytest.raises(ValueError, match="unknown baseline"):
+        BaselineRun(run, "nearest")
+
+
+def test_cosine_pairs_separate_sources_where_the_representation_does():
+    labels = ["a"] * 5 + ["b"] * 5
+    gradients = np.repeat(np.eye(2), 5, axis=0)  # two orthogonal directions, one per source
+    pairs = cosine_pairs(gradients @ gradients.T, np.ones((10, 3)), labels, count=1000, seed=0)
+    assert len(pairs["i"]) == 45 and all(i < j for i, j in zip(pairs["i"], pairs["j"]))  # every pair once
+    summary = pair_summary(pairs)
+    assert summary["gradient"]["separation"] == pytest.approx(1.0)
+    assert summary["embedding"]["separation"] == pytest.approx(0.0)
+
+
+def _synthetic_evaluation() -> dict:
+    def method(loss, em):
+        return {"loss": loss, "per_source": {"math": loss, "code": loss + 0.1}, "exact_match": em,
+                "exact_match_per_source": {"math": em}, "exact_match_samples": {"math": 4}}
+
+    methods = {name: method(1.0, 0.5) for name in METHODS}
+    methods["routed"] = method(0.9, 0.25)  # better loss than everyone, worse exact match
+    clusterings = {name: {"k": 2, "sizes": [3, 3], "agreement": {"purity": 1.0, "nmi": 1.0, "ari": 1.0},
+                          "variance_ratio": 0.5, "variance_ratio_normalized": 0.6}
+                   for name in ("gradientspace", "embedding", "random_projection")}
+    clusterings["embedding"]["variance_ratio_normalized"] = 0.4  # embedding reduces variance more
+    clusterings["source_labels"] = {"k": 2, "variance_ratio": 0.5, "variance_ratio_normalized": 0.5}
+    pair = {"same_source_mean": 0.5, "cross_source_mean": 0.1, "separation": 0.4}
+    evaluation = {"methods": methods, "sources": ["code", "math"], "eval_samples": 10, "exact_match_samples": 4,
+                  "router_accuracy": {"gradientspace": 1.0, "embedding": 0.9, "random_projection": 0.8},
+                  "training_steps": {"gradientspace": 16, "single_lora": 16},
+                  "diagnostics": {"clusterings": clusterings,
+                                  "cosine_pairs": {"pairs": 45, "same_source_pairs": 20, "pearson": 0.3,
+                                                   "gradient": pair, "embedding": pair}}}
+    return evaluation | {"comparisons": comparisons(evaluation)}
+
+
+def test_the_report_says_plainly_where_gradientspace_does_not_win(tiny_config):
+    evaluation = _synthetic_evaluation()
+    lines = shortfalls(evaluation)
+    assert sum("exact match" in line for line in lines) == len(METHODS) - 1  # lost on exact match to every method
+    assert not any("loss per token" in line for line in lines)               # ... and won every loss comparison
+    assert any("embedding clusters 0.4000" in line for line in lines)        # and on variance reduction
+    text = render(tiny_config(), evaluation, ["spectrum"])
+    for name in METHODS:
+        assert f"| {name} |" in text
+    assert "0.2500 vs base 0.5000 (worse): GradientSpace does not beat base" in text and "![spectrum](spectrum.png)" in text
+
+
+# ---------------------------------------------------------------- end to end, on the shared finished tiny run
+
+
+@pytest.fixture(scope="session")
+def quality_quick(tiny_finished_run):
+    """benchmarks/quality.py --quick on the finished tiny run (the built-in mix, its config): the evaluation stages."""
+    from conftest import FINISHED_RUN_OVERRIDES
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    cfg, manifests = tiny_finished_run
+    argv = ["--quick", "--config", "tiny", "--mix", "builtin", "--run-dir", cfg.run.run_dir, *FINISHED_RUN_OVERRIDES]
+    return cfg, manifests, quality.main(argv), argv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT_S)
+def test_quality_quick_scores_every_method_and_writes_the_report(quality_quick):
+    from gs_ray.data import load_split
+    from gs_ray.evaluate import EVALUATION_FILE, SINGLE_LORA
+
+    cfg, manifests, summary, _ = quality_quick
+    run = RunDir(cfg.run.run_dir)
+    assert set(summary["methods"]) == set(METHODS)
+    evaluation = json.loads((run.stage_dir("evaluate") / EVALUATION_FILE).read_text())
+    eval_rows = load_split(str(run.stage_dir("data") / "eval"))
+    assert evaluation["eval_samples"] == len(eval_rows) and evaluation["sources"] == sorted({r["label"] for r in eval_rows})
+    for method in METHODS:
+        result = evaluation["methods"][method]
+        assert set(result["per_source"]) == set(evaluation["sources"]) and result["loss"] > 0
+        assert set(result["exact_match_per_source"]) == {"math"}  # only GSM8K references are checkable
+    # The one LoRA trained through the same loop on every training sample, for the experts' total steps.
+    baseline = json.loads((run.stage_dir("evaluate") / SINGLE_LORA / "train_metrics.json").read_text())
+    experts = manifests["experts"]["summary"]["experts"]
+    assert baseline["step"] == evaluation["training_steps"]["gradientspace"] == sum(e["steps"] for e in experts)
+    assert evaluation["methods"]["single_lora"]["loss"] < evaluation["methods"]["base"]["loss"]
+    assert evaluation["methods"]["single_lora"]["loss"] == pytest.approx(baseline["eval_loss_end"], rel=1e-4)
+    if evaluation["router_accuracy"]["gradientspace"] == 1.0:
+        assert evaluation["methods"]["routed"]["loss"] == pytest.approx(evaluation["methods"]["oracle"]["loss"])
+
+    report = (run.stage_dir("report") / "report.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in report
+    for plot in manifests_report_plots(run):
+        assert (run.stage_dir("report") / plot).stat().st_size > 0 and f"]({plot})" in report
+    assert json.loads((Path(cfg.run.run_dir) / "quality.json").read_text()) == summary
+
+
+def manifests_report_plots(run: RunDir) -> list[str]:
+    return run.manifest("report")["summary"]["plots"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT_S)
+def test_baselines_use_the_same_k_and_budget_and_a_rerun_skips_every_stage(quality_quick):
+    from gs_ray.evaluation_stages import run_evaluation
+
+    cfg, manifests, _, _ = quality_quick
+    run = RunDir(cfg.run.run_dir)
+    k = manifests["cluster"]["summary"]["k"]
+    gs_steps = [e["steps"] for e in manifests["experts"]["summary"]["experts"]]
+    for method in BASELINE_METHODS:
+        baseline = BaselineRun(run, method)
+        clusters = pq.read_table(baseline.stage_dir("cluster") / "assignments.parquet")["cluster"].to_numpy()
+        assert baseline.manifest("cluster")["summary"]["k"] == k and len(np.unique(clusters)) == k
+        assert [e["steps"] for e in baseline.manifest("experts")["summary"]["experts"]] == gs_steps
+        assert (baseline.stage_dir("router") / "router" / "router.json").is_file()
+    before = {name: manifest["digest"] for name, manifest in run_evaluation(cfg).items()}
+    assert before["evaluate"] == run.manifest("evaluate")["digest"]
+    assert run_evaluation(cfg)["report"]["started_at"] == run.manifest("report")["started_at"]  # skipped, not rebuilt
