@@ -17,7 +17,7 @@ from conftest import WARM_RUN_OVERRIDES
 from gs_ray.config import load_config
 from gs_ray.data import load_split
 from gs_ray.gradient_stream import ACTOR_CHECKPOINT
-from gs_ray.pipeline import MANIFEST, STAGING_SUFFIX, run_stages
+from gs_ray.pipeline import MANIFEST, STAGES, STAGING_SUFFIX, run_stages
 from gs_ray.train import TrainJob, run_training
 
 pytestmark = pytest.mark.slow
@@ -30,11 +30,11 @@ PIPELINE = (
     *WARM_RUN_OVERRIDES, "cluster.k=2", "experts.budget=fixed", "experts.max_steps=3",
     "experts.min_cluster_size=1", "experts.cpus_per_worker=1", "router.epochs=2",
 )
-"""The tiny pipeline after warm-up, shrunk: the copied run's data and warm-up stay current."""
+"""The tiny pipeline as the session's finished run builds it up to the cluster stage; experts and router shrunk."""
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record, in a run's storage folder, of the checkpoints its controller has registered."""
-KILLED_STAGES = ("cluster", "experts", "router")
-"""Stages the driver is killed in, in turn; data and warm-up come built with the copied run."""
+KILLED_STAGES = ("data", "warmup", "cluster", "experts", "router")
+"""Stages the driver is killed in, in turn, starting from an empty run dir: every stage `gs-ray run` runs."""
 
 
 def _wait_for(condition, what: str) -> None:
@@ -103,7 +103,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tiny_warm_run, tiny_con
     data_dir = tiny_warm_run("worker-fault") / "data"
     cfg = tiny_config("train.checkpoint_every=2", "train.max_failures=1", "train.log_every=2")
     job = TrainJob(name="worker-fault", train_split=str(data_dir / "warmup"), output_dir=str(tmp_path / "out"),
-                   storage_path=str(tmp_path / "ray_train"), max_steps=60, learning_rate=1e-2)
+                   storage_path=str(tmp_path / "ray_train"), max_steps=20, learning_rate=1e-2)
     run_storage = tmp_path / "ray_train" / job.name
     killed: list[int] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -122,7 +122,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tiny_warm_run, tiny_con
 
 
 def _kill_session(session: int) -> None:
-    """SIGKILL every process left in a session this test started (the driver and the Ray it started)."""
+    """SIGKILL every process left in a session this test started (a driver; never the session's Ray)."""
     for process in psutil.process_iter():
         try:
             if os.getsid(process.pid) == session:
@@ -131,11 +131,27 @@ def _kill_session(session: int) -> None:
             pass
 
 
-def _gs_ray_run(run_dir: Path, log: Path, kill_in: str | None) -> tuple[int | None, str]:
-    """`gs-ray run` in its own session and its own local Ray; killed once `kill_in`'s staging folder appears."""
-    # "local": a Ray of its own, never the test session's or another one found on the machine.
+def _live_actors_of_driver(driver_pid: int) -> list[str]:
+    """Class names of the live actors of the Ray job whose driver had this pid.
+
+    Detached actors (Ray's own helpers, such as Ray Train's placement group cleaner) are
+    left out: they outlive any driver by design and end themselves.
+    """
+    import ray._private.state
+
+    jobs = {job["JobID"] for job in ray._private.state.jobs() if job["DriverPid"] == driver_pid}
+    return [info["ActorClassName"] for info in ray._private.state.actors().values()
+            if info["JobID"] in jobs and info["State"] != "DEAD" and not info["IsDetached"]]
+
+
+def _gs_ray_run(run_dir: Path, log: Path, ray_address: str, kill_in: str | None) -> tuple[int | None, str]:
+    """`gs-ray run` as its own process (its own session) attached to the test cluster.
+
+    With `kill_in`, the driver is SIGKILLed once that stage's staging folder appears, and
+    the test waits until Ray has ended the actors the dead driver owned, so none outlive it.
+    """
     command = [sys.executable, "-m", "gs_ray.cli", "run", "--config", "tiny", "--run-dir", str(run_dir), *PIPELINE,
-               "run.ray_address=local"]
+               f"run.ray_address={ray_address}"]
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     with log.open("w") as out:
         driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -148,32 +164,41 @@ def _gs_ray_run(run_dir: Path, log: Path, kill_in: str | None) -> tuple[int | No
             assert driver.poll() is None, f"the run ended before {kill_in} started:\n{log.read_text()}"
             os.killpg(driver.pid, signal.SIGKILL)
             returncode = driver.wait()
+            _wait_for(lambda: not _live_actors_of_driver(driver.pid), "Ray to end the killed driver's actors")
     finally:
         _kill_session(driver.pid)
     return returncode, log.read_text()
 
 
-def test_killed_driver_resumes_each_stage_and_matches_uninterrupted_run(tiny_warm_run, tmp_path):
-    reference_dir = tiny_warm_run("driver-reference")
-    run_stages(load_config("tiny", [f"run.run_dir={reference_dir}", *PIPELINE]), "cluster")
+def test_killed_driver_resumes_each_stage_and_matches_uninterrupted_run(ray_start_4_cpus, tiny_finished_run,
+                                                                         tmp_path):
+    import ray
 
-    run_dir = tiny_warm_run("driver-fault")
+    # The session's finished tiny run is the uninterrupted run: same seed, same settings up to the cluster stage.
+    reference_cfg, reference = tiny_finished_run
+    cfg = load_config("tiny", [f"run.run_dir={tmp_path / 'run'}", *PIPELINE])
+    for stage in ("data", "warmup", "cluster"):
+        assert reference[stage]["inputs"]["config"] == cfg.digest(list(STAGES[stage].sections)), stage
+        assert reference[stage]["inputs"]["seed"] == cfg.run.seed
+
+    run_dir = Path(cfg.run.run_dir)
+    address = ray.get_runtime_context().gcs_address
     for index, stage in enumerate(KILLED_STAGES):
-        returncode, output = _gs_ray_run(run_dir, tmp_path / f"killed-in-{stage}.log", kill_in=stage)
+        returncode, output = _gs_ray_run(run_dir, tmp_path / f"killed-in-{stage}.log", address, kill_in=stage)
         assert returncode == -signal.SIGKILL, output
         assert not (run_dir / stage / MANIFEST).exists()  # the interrupted stage never landed
-        for finished in ("data", "warmup", *KILLED_STAGES[: max(0, index - 1)]):
+        for finished in KILLED_STAGES[: max(0, index - 1)]:
             assert f"[{finished}] up to date" in output, output
         if index:  # the stage the previous run was killed in is rebuilt whole
             assert f"[{KILLED_STAGES[index - 1]}] done" in output, output
 
-    returncode, output = _gs_ray_run(run_dir, tmp_path / "resumed.log", kill_in=None)
+    returncode, output = _gs_ray_run(run_dir, tmp_path / "resumed.log", address, kill_in=None)
     assert returncode == 0, output
-    for finished in ("data", "warmup", "cluster", "experts"):
+    for finished in KILLED_STAGES[:-1]:
         assert f"[{finished}] up to date" in output, output
     assert "[router] done" in output and "== gs-ray summary ==" in output
     assert not list(run_dir.glob(f".*{STAGING_SUFFIX}"))
 
     resumed = _assignments(run_dir)
     assert sorted(resumed) == _train_ids(run_dir)
-    assert resumed == _assignments(reference_dir)
+    assert resumed == _assignments(Path(reference_cfg.run.run_dir))
