@@ -6,7 +6,10 @@ variance-reduction claim as the mean within-cluster variance of the training gra
 over their whole-set variance, for raw gradients and for unit-normalized ones (the
 features Stage II clusters). Then the paper's Fig. 4 analogue: for seeded random pairs of
 training samples, the cosine of their gradients against the cosine of their request
-embeddings, and how much each separates same-source from cross-source pairs.
+embeddings, and how much each separates same-source from cross-source pairs. Last, how the
+sources sit in gradient space: whether each sample's nearest neighbour shares its source
+(local structure), and how much variance the top principal components hold (the global
+structure a centroid clustering can use).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ SOURCE_LABELS = "source_labels"
 PAIRS_FILE = "cosine_pairs.parquet"
 PAIR_SEED_SALT = 4
 """Added to run.seed for the pair sample, so that it is independent of every other seeded draw."""
+TOP_COMPONENTS = 5
+"""Principal components of the unit training gradients whose variance shares the diagnostics report."""
 
 
 def _train_clusterings(run: Any) -> dict[str, pa.Table]:
@@ -61,7 +66,33 @@ def clustering_diagnostics(cfg: Config, run: Any, out_dir: Path) -> dict[str, An
     embeddings = _embedding_features(run, ids)
     pairs = cosine_pairs(cosines, embeddings, labels, cfg.evaluate.cosine_pairs, cfg.run.seed + PAIR_SEED_SALT)
     pq.write_table(pa.table(pairs), out_dir / PAIRS_FILE)
-    return {"clusterings": clusterings, "cosine_pairs": pair_summary(pairs), "train_samples": len(ids)}
+    units = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    structure = {"nearest_same_source": {"gradient": nearest_neighbour_agreement(cosines, labels),
+                                         "embedding": nearest_neighbour_agreement(units @ units.T, labels)},
+                 "chance": float(np.sum(np.square(np.bincount(sources) / len(sources)))),
+                 "top_component_shares": component_shares(cosines, TOP_COMPONENTS)}
+    return {"clusterings": clusterings, "cosine_pairs": pair_summary(pairs), "source_structure": structure,
+            "train_samples": len(ids)}
+
+
+def nearest_neighbour_agreement(similarity: np.ndarray, labels: list) -> float | None:
+    """Fraction of rows whose most similar other row has the same label (None for fewer than two rows)."""
+    if len(labels) < 2:
+        return None
+    others = np.array(similarity, dtype=np.float64)
+    np.fill_diagonal(others, -np.inf)
+    nearest = np.argmax(others, axis=1)
+    labels = np.asarray([str(label) for label in labels])
+    return float(np.mean(labels[nearest] == labels))
+
+
+def component_shares(cosines: np.ndarray, count: int) -> list[float]:
+    """Shares of the unit rows' total variance on their top `count` principal components, from their cosines."""
+    n = len(cosines)
+    centering = np.eye(n) - np.full((n, n), 1.0 / n)
+    eigenvalues = np.clip(np.linalg.eigvalsh(centering @ cosines @ centering)[::-1], 0.0, None)
+    total = eigenvalues.sum()
+    return [float(value / total) for value in eigenvalues[:count]] if total > 0 else []
 
 
 def _embedding_features(run: Any, ids: list[str]) -> np.ndarray:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gs_ray.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
-from gs_ray.diagnostics import cosine_pairs, pair_summary
+from gs_ray.diagnostics import component_shares, cosine_pairs, nearest_neighbour_agreement, pair_summary
 from gs_ray.evaluate import METHODS, comparisons
 from gs_ray.exact_match import is_correct, predicted_answer, reference_answer
 from gs_ray.gradient_analysis import PROJECTION_BLOCK, cosine_matrix, pca_2d, rademacher_project, variance_ratio
@@ -112,6 +112,25 @@ def test_cosine_pairs_separate_sources_where_the_representation_does():
     assert summary["embedding"]["separation"] == pytest.approx(0.0)
 
 
+def test_nearest_neighbours_and_component_shares_tell_local_from_global_structure():
+    rng = np.random.default_rng(0)
+    labels = ["a"] * 20 + ["b"] * 20
+    # Each source is 10 tight pairs in its own random directions: locally pure, globally flat.
+    directions = rng.standard_normal((20, 400))
+    rows = np.repeat(directions, 2, axis=0) + 0.05 * rng.standard_normal((40, 400))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    assert nearest_neighbour_agreement(rows @ rows.T, labels) == 1.0
+    flat = component_shares(rows @ rows.T, 5)
+    assert len(flat) == 5 and flat == sorted(flat, reverse=True) and flat[0] < 0.1
+    # Two sources along two opposite directions: the top component holds almost all the variance.
+    planted = np.repeat(np.array([[1.0, 0.0], [-1.0, 0.0]]), 20, axis=0) + 0.01 * rng.standard_normal((40, 2))
+    planted /= np.linalg.norm(planted, axis=1, keepdims=True)
+    assert component_shares(planted @ planted.T, 2)[0] > 0.99
+    shuffled = ["a", "b"] * 20  # each tight pair split between the sources: the neighbour is the other one
+    assert nearest_neighbour_agreement(rows @ rows.T, shuffled) == 0.0
+    assert nearest_neighbour_agreement(np.ones((1, 1)), ["a"]) is None
+
+
 def _synthetic_evaluation() -> dict:
     def method(loss, em):
         return {"loss": loss, "per_source": {"math": loss, "code": loss + 0.1}, "exact_match": em,
@@ -130,7 +149,9 @@ def _synthetic_evaluation() -> dict:
                   "training_steps": {"gradientspace": 16, "single_lora": 16},
                   "diagnostics": {"clusterings": clusterings,
                                   "cosine_pairs": {"pairs": 45, "same_source_pairs": 20, "pearson": 0.3,
-                                                   "gradient": pair, "embedding": pair}}}
+                                                   "gradient": pair, "embedding": pair},
+                                  "source_structure": {"nearest_same_source": {"gradient": 0.9, "embedding": 0.8},
+                                                       "chance": 0.5, "top_component_shares": [0.04, 0.03]}}}
     return evaluation | {"comparisons": comparisons(evaluation)}
 
 
@@ -143,6 +164,8 @@ def test_the_report_says_plainly_where_gradientspace_does_not_win(tiny_config):
     text = render(tiny_config(), evaluation, ["spectrum"])
     for name in METHODS:
         assert f"| {name} |" in text
+    assert "same source: 0.9000 by gradient cosine, 0.8000 by embedding cosine (chance 0.5000)" in text
+    assert "principal components of the unit training gradients: 0.040, 0.030." in text
     assert "0.2500 vs base 0.5000 (worse): GradientSpace does not beat base" in text and "![spectrum](spectrum.png)" in text
 
 
