@@ -36,13 +36,14 @@ from ray import serve
 
 from gs_ray.config import config_from_dict
 from gs_ray.errors import ModelError
+from gs_ray.experts import EXPERTS_FILE
 from gs_ray.generation import Delta, GenerationRequest
 from gs_ray.pipeline import RunDir
+from gs_ray.router import CONFIG_FILE as ROUTER_CONFIG_FILE
 
 BASE_ID, ENSEMBLE_ID = "base", "ensemble"
 ADAPTER_ID = re.compile(r"expert-(0|[1-9][0-9]{0,5})")
 """Multiplexed ids of single experts; matched in full before any path is built from one."""
-EXPERTS_FILE = "experts.json"
 SERVED_STAGES = ("experts", "router")
 """The stages a served run needs; a run on object storage is mirrored to each replica's node before use
 (each replica pulls only what it reads: the router replica its stage, an ingress replica the config)."""
@@ -64,7 +65,7 @@ def expert_adapter_dir(run_dir: str | Path, model_id: str) -> Path:
 def finished_run_experts(run_dir: str | Path) -> int:
     """Number of experts of a run that has a router and every expert adapter; else a ModelError."""
     root = Path(run_dir)
-    record, router = root / "experts" / EXPERTS_FILE, root / "router" / "router" / "router.json"
+    record, router = root / "experts" / EXPERTS_FILE, root / "router" / "router" / ROUTER_CONFIG_FILE
     missing = [str(p) for p in (root / "config.yaml", record, router) if not p.is_file()]
     if missing:
         raise ModelError(f"{root} is not a finished run (missing {', '.join(missing)}); "
