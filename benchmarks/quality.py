@@ -18,10 +18,15 @@ Run from the repository root:
    exact match per source; writes the same summary to <run-dir>/quality.json.
 
 --quick: a smoke run whose figures mean nothing: 40 rows per source, short generation
-(QUICK_OVERRIDES). With `--config tiny` (a random two-layer model) it finishes in minutes
-on 2 CPU cores. Overrides given on the command line are applied last.
+(QUICK_OVERRIDES). With `--config tiny` (a random two-layer model) it finishes in about 5
+minutes on 2 CPU cores. Overrides given on the command line are applied last.
 
-The full benchmark (on a GPU machine):
+The full benchmark on 2 CPU cores (SmolLM2-135M, 150 rows per source, the demo preset's
+evaluation sizes; under an hour, see benchmarks/RESULTS.md):
+
+    python benchmarks/quality.py --run-dir runs/quality-cpu
+
+and a larger one on a GPU machine:
 
     python benchmarks/quality.py --config gpu --datasets ../shared/datasets --run-dir runs/quality-gpu --per-source 300
 """
@@ -46,7 +51,8 @@ os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
 import real_mix  # noqa: E402  (the mix builder, shared with the Stage II benchmark)
 
 SEED = real_mix.SEED
-PER_SOURCE = {"quick": 40, "full": 300}
+PER_SOURCE = {"quick": 40, "full": 150}
+"""Rows per source: --quick, and the full run sized for an hour on 2 CPU cores with the demo preset."""
 SPLIT_OVERRIDES = ("data.sample_fraction=1.0", "data.warmup_fraction=0.15", "data.val_fraction=0.1",
                    "data.eval_fraction=0.15")
 """For a mix built here: the whole mix, a warm-up split of a few dozen samples per source, and 15% held out
@@ -70,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mix", choices=("real", "builtin"), default="real",
                         help="real: build the mix from --datasets; builtin: the package's own mix")
     parser.add_argument("--run-dir", type=Path, default=None, help="default runs/quality (runs/quality-quick with --quick)")
-    parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 300, 40 with --quick)")
+    parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 150, 40 with --quick)")
     parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small mix, short generation")
     parser.add_argument("overrides", nargs="*", help="config overrides section.field=value, applied last")

@@ -37,7 +37,9 @@ def plot_spectrum(singular_values: list[float], gaps: dict[int, float], k: int, 
     if gaps:
         positions = sorted(gaps)
         right.bar(positions, [gaps[j] for j in positions], color="tab:gray")
-        right.set(xlabel="j", ylabel="(s_j - s_{j+1}) / s_j", title=f"Relative gaps searched ({rule})")
+        right.set(xlabel="j", ylabel="(s_j - s_{j+1}) / s_j", title="Relative gaps searched")
+        right.text(0.98, 0.95, f"rule: {rule}", ha="right", va="top", fontsize="small", wrap=True,
+                   transform=right.transAxes)
     else:
         right.text(0.5, 0.5, f"K fixed by config: {k}", ha="center", va="center", transform=right.transAxes)
         right.set_axis_off()
@@ -83,7 +85,7 @@ def plot_cluster_distribution(clusterings: dict[str, tuple[np.ndarray, list]], p
 
 
 def plot_projection_2d(coordinates: np.ndarray, clusters: np.ndarray, labels: list, path: str | Path) -> None:
-    """Training gradients on their top two principal components, coloured by cluster and by source."""
+    """Unit training gradients (what Stage II clusters) on their top two principal components, by cluster and source."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     clusters = np.asarray(clusters)
     for cluster in np.unique(clusters):
@@ -94,7 +96,7 @@ def plot_projection_2d(coordinates: np.ndarray, clusters: np.ndarray, labels: li
         members = names == name
         right.scatter(coordinates[members, 0], coordinates[members, 1], s=10, alpha=0.7, label=name)
     for axis, title in ((left, "by GradientSpace cluster"), (right, "by source")):
-        axis.set(xlabel="PC 1", ylabel="PC 2", title=f"Training gradients (PCA), {title}")
+        axis.set(xlabel="PC 1", ylabel="PC 2", title=f"Unit training gradients (PCA), {title}")
         axis.legend(fontsize="small")
     _save(figure, path)
 
@@ -108,7 +110,9 @@ def plot_method_bars(values: dict[str, dict[str, float]], ylabel: str, title: st
     positions = np.arange(len(sources))
     for index, (method, per_source) in enumerate(values.items()):
         heights = [per_source.get(source, np.nan) for source in sources]
-        axis.bar(positions + (index - (len(values) - 1) / 2) * width, heights, width, label=method)
+        bars = axis.bar(positions + (index - (len(values) - 1) / 2) * width, heights, width, label=method)
+        if zero_based:  # a bar of height 0 is invisible: its label says it was measured
+            axis.bar_label(bars, fmt="%.2f", fontsize="xx-small", rotation=90, padding=2)
     found = np.array([v for per_source in values.values() for v in per_source.values()], dtype=float)
     found = found[np.isfinite(found)]
     if not zero_based and len(found):

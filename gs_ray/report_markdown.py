@@ -91,7 +91,7 @@ def _plot_all(run: Any, evaluation: dict[str, Any], out: Path) -> list[str]:
     from gs_ray import report
     from gs_ray.baselines import BASELINE_METHODS, BaselineRun
     from gs_ray.diagnostics import PAIRS_FILE
-    from gs_ray.gradient_analysis import load_analysis, pca_2d
+    from gs_ray.gradient_analysis import cosine_matrix, load_analysis, pca_2d
 
     spectrum = json.loads((run.stage_dir("cluster") / "spectrum.json").read_text())
     offset = spectrum["gap_index_offset"]
@@ -104,7 +104,8 @@ def _plot_all(run: Any, evaluation: dict[str, Any], out: Path) -> list[str]:
     train = [i for i, split in enumerate(rows["split"]) if split == "train"]
     table = pq.read_table(run.stage_dir("cluster") / "assignments.parquet", columns=["sample_id", "cluster"])
     cluster_of = dict(zip(table["sample_id"].to_pylist(), table["cluster"].to_pylist()))
-    report.plot_projection_2d(pca_2d(arrays["gram"][np.ix_(train, train)]),
+    # Unit gradients, as Stage II clusters them: raw norms would let a few long-tailed samples fill the plot.
+    report.plot_projection_2d(pca_2d(cosine_matrix(arrays["gram"][np.ix_(train, train)])),
                               np.asarray([cluster_of[rows["sample_id"][i]] for i in train]),
                               [rows["label"][i] for i in train], out / PLOTS["projection"])
     methods = evaluation["methods"]
