@@ -17,7 +17,8 @@ Timed, on the same training rows, from the same fitted clusterer state:
            collection and the final sort.
   - plain: the same work in the driver, no Ray: model + adapter + tokenizer load (counted, to
            match the actor's startup; the driver's imports are already done and not counted),
-           `load_split`, batches of grads.batch_size, `PerSampleGradients` ->
+           the split cut into the same length-sorted blocks as the Ray side (so both pad the
+           same batches), batches of grads.batch_size, `PerSampleGradients` ->
            `GradientFeatures` -> `nearest_centroids` -> `ClusterCaches.add` -> `apply_summary`
            on a local `OnlineSVDClusterer` loaded from the same state; torch.set_num_threads(2).
 Steady state: the time at which each block of output reaches the driver is recorded (by
@@ -31,10 +32,12 @@ actor: Ray Data's own startup and transfer cost), a `probe` line (a fresh Ray wo
 and model-load seconds, and its torch thread count), then a summary line (`"summary": true`) with
 ray_efficiency = plain seconds / Ray seconds summed over the repeats (end to end; target
 >= 0.85), ray_efficiency_steady, both timings and samples/s, the sample counts, and the
-fraction of samples both sides put in the same cluster. Assignments need not be identical:
-the Ray side reads the parquet in file order and its batches follow Ray Data's block
-boundaries (each sorted by length), while the plain side takes `load_split`'s sample_id order, so caches fill and
-centroids move in a different order.
+fraction of samples both sides put in the same cluster. Both sides see the same batches in the
+same order; assignments can still differ where the Ray side's centroid replica is a batch
+behind the actor.
+
+--run-dir keeps the setup stages (data, warm-up) in a folder that later runs reuse; without
+it they are built in a scratch folder and removed.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def _steady(marks: list[tuple[float, int]]) -> tuple[int, float, float] | None:
 def prepare(args, tmp: Path):
     """Config, data dir, adapter dir and the fitted clusterer's state (nothing here is timed)."""
     preset = "tiny" if args.quick else args.preset
-    overrides = [f"run.run_dir={tmp / 'run'}", "grads.concurrency=1", f"grads.num_cpus_per_actor={TORCH_THREADS}"]
+    overrides = [f"run.run_dir={args.run_dir or tmp / 'run'}", "grads.concurrency=1", f"grads.num_cpus_per_actor={TORCH_THREADS}"]
     if args.warmup_steps:
         overrides.append(f"warmup.max_steps={args.warmup_steps}")
     if args.batch_size:
@@ -158,6 +161,16 @@ def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
             "clusters": np.asarray(table["cluster"]), "updates": int(np.sum(final["updates"]))}
 
 
+def _rows_in_stream_order(split: str, batch_size: int) -> list[dict]:
+    """The split's rows in the order the Ray side's actor sees them: files in name order, cut into
+    the same consecutive blocks, each sorted by length (both sorts stable), so both sides pad the
+    same batches."""
+    rows_per_block = batch_size * gradient_stream.BATCHES_PER_BLOCK
+    rows = pa.Table.from_batches(list(gradient_stream._split_parts(split, rows_per_block))).to_pylist()
+    return [row for start in range(0, len(rows), rows_per_block)
+            for row in sorted(rows[start : start + rows_per_block], key=lambda row: len(row["input_ids"]))]
+
+
 def time_plain(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
     import torch
 
@@ -173,7 +186,7 @@ def time_plain(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
     clusterer = OnlineSVDClusterer(cfg.cluster, seed=int(state["seed"]))
     clusterer.load_state_dict(state)
     caches = ClusterCaches(clusterer.k, cfg.cluster.cache_size, clusterer.dim)
-    rows = load_split(str(data_dir / "train"))
+    rows = _rows_in_stream_order(str(data_dir / "train"), cfg.grads.batch_size)
     size = cfg.grads.batch_size
     clusters, marks = [], []
     for start in range(0, len(rows), size):
@@ -187,8 +200,9 @@ def time_plain(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
         marks.append((time.perf_counter() - started, len(batch)))
     seconds = time.perf_counter() - started
     del model, gradients
-    return {"seconds": seconds, "load_s": load_s, "marks": marks, "ids": [row["sample_id"] for row in rows],
-            "clusters": np.concatenate(clusters), "updates": int(clusterer.updates.sum())}
+    by_id = np.argsort([row["sample_id"] for row in rows], kind="stable")  # the Ray side's output order
+    return {"seconds": seconds, "load_s": load_s, "marks": marks, "ids": [rows[i]["sample_id"] for i in by_id],
+            "clusters": np.concatenate(clusters)[by_id], "updates": int(clusterer.updates.sum())}
 
 
 def _plain_steady(marks: list[tuple[float, int]], skip_rows: int) -> tuple[float, float]:
@@ -292,6 +306,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of both sides (default: 1 quick, 2 full)")
     parser.add_argument("--ray-cpus", type=int, default=RAY_CPUS, help="logical CPUs for ray.init (see RAY_CPUS)")
     parser.add_argument("--set", action="append", help="extra config override key=value (repeatable)")
+    parser.add_argument("--run-dir", default="", help="keep the setup stages here and reuse them (default: scratch)")
     args = parser.parse_args()
     if args.quick:
         args.warmup_steps = args.warmup_steps or 10

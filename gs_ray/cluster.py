@@ -3,8 +3,9 @@
 1. Features: u = g / ||g||; with centering, u' = normalize(u - mean), mean = mean validation u.
 2. Spectrum of the m x d validation features through the m x m Gram matrix (never d x d);
    K = the largest relative singular-value gap (`choose_k`) unless cluster.k fixes it.
-3. Initial centroids: k-means (k-means++, cosine) on the row-normalized top-K coordinates
-   P_K s_K of the Gram eigendecomposition; c_k = normalized mean of its members' features.
+3. Initial centroids: k-means (k-means++, cosine) on the row-normalized coordinates P s of the
+   Gram eigendecomposition, the top K or all m of them (spherical k-means on the full-d
+   features; `cluster.init_coordinates`); c_k = normalized mean of its members' features.
 4. Streaming: assign u to argmax_k <u, c_k>, append it to cache_k (capacity C); when a cache
    fills, v = its top right singular vector, signed so <v, c_k> >= 0, and
    c_k <- normalize((1 - beta) c_k + beta v). State is O(K C d), never O(N d).
@@ -231,7 +232,8 @@ class OnlineSVDClusterer:
         else:
             k, gaps = choose_k(singular_values, self.cfg.k_min, self.cfg.k_max, self.cfg.center)
             rule = "largest relative gap, K = j + 1 (centered)" if self.cfg.center else "largest relative gap, K = j"
-        labels, members = self._initial_labels(vectors[:, :k] * singular_values[:k], k)
+        rank = k if self.cfg.init_coordinates == "top_k" else len(singular_values)
+        labels, members = self._initial_labels(vectors[:, :rank] * singular_values[:rank], k)
         onehot = np.zeros((k, m))
         onehot[labels, members] = 1.0
         combined = _combine_rows(np.vstack([mean_weights[None, :], onehot @ transform]), grads)

@@ -48,10 +48,11 @@ def small():
     return clusterer, rows[100:], labels[100:]
 
 
+@pytest.mark.parametrize("init_coordinates", ["all", "top_k"])
 @pytest.mark.parametrize("k", [2, 4, 6])
-def test_recovers_planted_clusters_and_k(k):
+def test_recovers_planted_clusters_and_k(k, init_coordinates):
     rows, labels = planted(k, N_VAL + N_STREAM, seed=k)
-    clusterer = OnlineSVDClusterer(ClusterConfig(k=0), seed=0)
+    clusterer = OnlineSVDClusterer(ClusterConfig(k=0, init_coordinates=init_coordinates), seed=0)
     info = clusterer.fit_validation(rows[:N_VAL])
     assert info["k"] == clusterer.k == k
     assert "centered" in info["k_rule"]

@@ -41,6 +41,7 @@ def test_yaml_file_then_overrides(tmp_path):
         (["data.warmup_fraction=0.5", "data.val_fraction=0.5"], "must leave a train split"),
         (["data.on_bad_row=ignore"], "data.on_bad_row: must be one of error, skip"),
         (["cluster.k=1"], "cluster.k: must be 0 (automatic) or >= 2"),
+        (["cluster.init_coordinates=top3"], "cluster.init_coordinates: must be one of all, top_k, got 'top3'"),
         (["serve.port=70000"], "serve.port: must be a TCP port"),
     ],
 )
