@@ -120,6 +120,15 @@ def write_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
+def quality_config(args: argparse.Namespace, run_dir: Path):
+    """(Config, overrides) of a quality run: the preset, the mix, the smoke settings with --quick, then args.overrides."""
+    from gs_ray.config import load_config
+
+    overrides = [f"run.run_dir={run_dir}", *data_overrides(args, run_dir), *(QUICK_OVERRIDES if args.quick else ()),
+                 *args.overrides]
+    return load_config(args.config, overrides), overrides
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     run_dir = (args.run_dir or ROOT / "runs" / ("quality-quick" if args.quick else "quality")).absolute()
@@ -127,12 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from gs_ray.config import load_config
     from gs_ray.evaluation_stages import run_evaluation
 
-    overrides = [f"run.run_dir={run_dir}", *data_overrides(args, run_dir), *(QUICK_OVERRIDES if args.quick else ()),
-                 *args.overrides]
-    cfg = load_config(args.config, overrides)
+    cfg, overrides = quality_config(args, run_dir)
     emit({"figure": "config", "preset": args.config, "overrides": overrides, "model": cfg.model.name,
           "lora_r": cfg.lora.r, "warmup_steps": cfg.warmup.max_steps, "expert_steps": cfg.experts.max_steps})
     started_ray = not ray.is_initialized()
