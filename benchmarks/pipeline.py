@@ -162,13 +162,11 @@ def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
 
 
 def _rows_in_stream_order(split: str, batch_size: int) -> list[dict]:
-    """The split's rows in the order the Ray side's actor sees them: files in name order, cut into
-    the same consecutive blocks, each sorted by length (both sorts stable), so both sides pad the
-    same batches."""
+    """The split's rows in the order the Ray side's actor sees them (the same blocks, cut and sorted
+    by length by the same function, without Ray), so both sides pad the same batches."""
     rows_per_block = batch_size * gradient_stream.BATCHES_PER_BLOCK
-    rows = pa.Table.from_batches(list(gradient_stream._split_parts(split, rows_per_block))).to_pylist()
-    return [row for start in range(0, len(rows), rows_per_block)
-            for row in sorted(rows[start : start + rows_per_block], key=lambda row: len(row["input_ids"]))]
+    parts = gradient_stream._split_parts(split, rows_per_block)
+    return [row for block in gradient_stream._length_sorted_blocks(parts, rows_per_block) for row in block.to_pylist()]
 
 
 def time_plain(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:

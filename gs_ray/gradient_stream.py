@@ -118,16 +118,8 @@ def _sorted_by_length(block: pa.Table) -> pa.Table:
     return block.take(pc.sort_indices(pc.list_value_length(block["input_ids"])))
 
 
-def _block_refs(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int) -> list[ray.ObjectRef]:
-    """The rows in consecutive blocks of rows_per_block, each sorted by length, put in the object store from here.
-
-    Cut on the driver, one block in memory at a time, rather than by Ray Data read and
-    repartition tasks: token ids are small, and those tasks cost every pass new worker
-    processes and their imports (on 2 cores, as long as the tiny model's gradients). The
-    blocks are in the object store before the actor pool starts, so nothing waits for a
-    CPU the pool holds (one actor of 2 CPUs on 2 cores would otherwise deadlock).
-    """
-    refs: list[ray.ObjectRef] = []
+def _length_sorted_blocks(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int) -> Iterator[pa.Table]:
+    """The rows in consecutive blocks of rows_per_block, each sorted by length, one block held at a time."""
     held: list[pa.Table] = []
     count = 0
     for part in tables:
@@ -135,12 +127,23 @@ def _block_refs(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int
         count += part.num_rows
         while count >= rows_per_block:
             table = pa.concat_tables(held)
-            refs.append(ray.put(_sorted_by_length(table.slice(0, rows_per_block))))
+            yield _sorted_by_length(table.slice(0, rows_per_block))
             rest = table.slice(rows_per_block)
             held, count = [rest], rest.num_rows
     if count:
-        refs.append(ray.put(_sorted_by_length(pa.concat_tables(held))))
-    return refs
+        yield _sorted_by_length(pa.concat_tables(held))
+
+
+def _block_refs(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int) -> list[ray.ObjectRef]:
+    """`_length_sorted_blocks`, put in the object store from here.
+
+    Cut on the driver, one block in memory at a time, rather than by Ray Data read and
+    repartition tasks: token ids are small, and those tasks cost every pass new worker
+    processes and their imports (on 2 cores, as long as the tiny model's gradients). The
+    blocks are in the object store before the actor pool starts, so nothing waits for a
+    CPU the pool holds (one actor of 2 CPUs on 2 cores would otherwise deadlock).
+    """
+    return [ray.put(block) for block in _length_sorted_blocks(tables, rows_per_block)]
 
 
 def _split_parts(split: str, rows_per_part: int) -> Iterator[pa.RecordBatch]:
