@@ -170,7 +170,7 @@ ARTIFACTS = {
     "cluster": "cluster/assignments.parquet, cluster/spectrum.png, cluster/cluster_sizes.png",
     "experts": "experts/expert-<e>/adapter (PEFT), experts/experts.json",
     "router": "router/router, router/router_metrics.json",
-    "evaluate": "evaluate/evaluation.json, evaluate/answers.jsonl, evaluate/single-lora/adapter, baselines/<method>/",
+    "evaluate": "evaluate/evaluation.json, evaluate/answers.jsonl, single_lora/adapter, baselines/<method>/",
     "report": "report/report.md (tables and PNG plots)",
 }
 """What each stage wrote that users reach for, relative to the run dir."""

@@ -1,8 +1,8 @@
 """How well a run's clusters and experts do against what the data says (labels are for evaluation only).
 
-`label_agreement` scores clusters against source labels. The evaluate stage
-(`gs-ray evaluate`) trains the one-LoRA baseline with the experts' total optimizer steps
-through the same loop, then scores every held-out sample under each method (METHODS):
+`label_agreement` scores clusters against source labels. `train_single_lora` trains the
+one-LoRA baseline (its own stage) with the experts' total optimizer steps through the same
+loop. The evaluate stage (`gs-ray evaluate`) scores every held-out sample under each method (METHODS):
 loss per target token and, where the reference ends with `#### <number>`, exact match of
 a greedy answer, overall and per source label. The clustering diagnostics (agreement with
 the labels, variance ratios, gradient vs embedding cosines) are `gs_ray.diagnostics`'.
@@ -43,7 +43,7 @@ def label_agreement(clusters: np.ndarray | list[int], labels: list[str | None]) 
 # ---------------------------------------------------------------- the evaluate stage
 
 SINGLE_LORA = "single-lora"
-"""Folder (and adapter name) of the baseline: one LoRA on the whole train split, the experts' total steps."""
+"""Adapter name of the baseline: one LoRA on the whole train split, the experts' total steps."""
 METHODS = ("base", "single_lora", "embedding", "random_projection", "routed", "ensemble", "oracle")
 """base: no adapter; single_lora: one LoRA on everything; embedding / random_projection: the baselines'
 experts, each picked by the baseline's own router; routed: the GradientSpace expert the router picks (what
@@ -54,24 +54,32 @@ EVALUATION_FILE = "evaluation.json"
 ANSWERS_FILE = "answers.jsonl"
 
 
-def _train_single_lora(cfg: Config, run: Any, staging: Path, steps: int) -> dict[str, Any]:
-    """The baseline through the same loop as warm-up and experts: all training samples, the same total steps."""
+def experts_total_steps(run: Any) -> int:
+    """Optimizer steps of all of a run's experts together: the one-LoRA baseline's budget."""
+    from gs_ray.experts import EXPERTS_FILE
+
+    return sum(e["steps"] for e in json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())["experts"])
+
+
+def train_single_lora(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
+    """The baseline through the same loop as warm-up and experts: all training samples, the experts' total steps."""
     from gs_ray.experts import expert_init_adapter
-    from gs_ray.train import TrainJob, run_training
+    from gs_ray.train import SUMMARY_KEYS, TrainJob, run_training
 
     data_dir = run.stage_dir("data")
     job = TrainJob(
         name=f"{SINGLE_LORA}-{cfg.digest(['experts', 'train'])}-{run.manifest('experts')['digest']}",
         train_split=run.shared(data_dir / "train"),
         eval_split=run.shared(data_dir / "eval"),
-        output_dir=str(staging / SINGLE_LORA),
+        output_dir=str(staging),
         storage_path=run.ray_train_storage,
-        max_steps=steps,
+        max_steps=experts_total_steps(run),
         learning_rate=cfg.experts.learning_rate,
         init_adapter=expert_init_adapter(cfg, run),
         seed=cfg.run.seed,
     )
-    return run_training(cfg, job).metrics
+    metrics = run_training(cfg, job).metrics
+    return {key: metrics.get(key) for key in SUMMARY_KEYS}
 
 
 def routing(run: Any, rows: list[dict], prefix: str) -> dict[str, Any]:
@@ -88,7 +96,7 @@ def routing(run: Any, rows: list[dict], prefix: str) -> dict[str, Any]:
     return {"adapters": {name: str(run.stage_dir("experts") / name[len(prefix):] / "adapter") for name in names},
             "names": names, "picked": [int(e) for e in picked], "probabilities": probabilities.tolist(),
             "own": [record["expert_of_cluster"][cluster_of[row["sample_id"]]] for row in rows],
-            "steps": sum(e["steps"] for e in record["experts"])}
+            "steps": experts_total_steps(run)}
 
 
 def method_routes(rows: list[dict], routings: dict[str, dict[str, Any]]) -> dict[str, list]:
@@ -152,9 +160,8 @@ def evaluate_run(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     routings = {"gradientspace": routing(run, rows, "")}
     for name in ("embedding", "random_projection"):
         routings[name] = routing(BaselineRun(run, name), rows, f"{name}-")
-    steps = routings["gradientspace"]["steps"]
-    single = _train_single_lora(cfg, run, staging, steps)
-    adapters = {SINGLE_LORA: str(staging / SINGLE_LORA / "adapter")}
+    single = run.manifest("single_lora")["summary"]
+    adapters = {SINGLE_LORA: str(run.stage_dir("single_lora") / "adapter")}
     for found in routings.values():
         adapters |= found["adapters"]
     generate = checkable_rows(rows, cfg.evaluate.exact_match_samples)

@@ -5,10 +5,12 @@ In order, each skipped when its manifest is current (so a killed evaluation resu
     analysis                          train + eval gradients -> Gram matrix, random projections
     baselines/embedding/{cluster, experts, router}
     baselines/random_projection/{cluster, experts, router}
-    evaluate                          one-LoRA baseline; every method on the held-out split
+    single_lora                       one LoRA on every training sample, the experts' total steps
+    evaluate                          every method on the held-out split
     report                            report/report.md and its PNG plots
 
-The baselines' experts and router are the pipeline's own stages run on a `BaselineRun`.
+The baselines' experts and router are the pipeline's own stages run on a `BaselineRun`. The
+baselines (analysis first where a clustering reads it) are built side by side, in threads.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def _build_analysis(cfg: Config, run: RunDir, staging) -> dict[str, Any]:
 def _describe_analysis(summary: dict[str, Any]) -> str:
     return (f"gradients of {summary['rows']} samples (d = {summary['dim']}) -> Gram matrix and "
             f"{summary['projection_dim']}-dim Rademacher projections")
+
+
+def _build_single_lora(cfg: Config, run: RunDir, staging) -> dict[str, Any]:
+    from gs_ray.evaluate import train_single_lora
+
+    return train_single_lora(cfg, run, staging)
+
+
+def _describe_single_lora(summary: dict[str, Any]) -> str:
+    return (f"{summary['step']} steps on {summary['train_samples']} samples; held-out loss "
+            f"{summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}")
 
 
 def _build_evaluate(cfg: Config, run: RunDir, staging) -> dict[str, Any]:
@@ -62,9 +75,11 @@ def baseline_stage_name(method: str, stage: str) -> str:
 
 
 ANALYSIS = Stage("analysis", ("model", "grads", "baselines"), ("data", "warmup"), _build_analysis, _describe_analysis)
+SINGLE_LORA_STAGE = Stage("single_lora", ("model", "lora", "train", "experts"), ("data", "warmup", "experts"),
+                          _build_single_lora, _describe_single_lora)
 EVALUATE = Stage(
-    "evaluate", ("model", "lora", "train", "experts", "evaluate"),
-    ("data", "warmup", "cluster", "experts", "router", "analysis",
+    "evaluate", ("model", "lora", "train", "evaluate"),
+    ("data", "warmup", "cluster", "experts", "router", "analysis", "single_lora",
      *(baseline_stage_name(method, "router") for method in BASELINE_METHODS)),
     _build_evaluate, _describe_evaluate,
 )
@@ -73,31 +88,45 @@ REPORT = Stage("report", (), ("evaluate",), _build_report, _describe_report)
 
 def describe_stage(name: str, summary: dict[str, Any]) -> str:
     """The one-line description of any stage's summary, pipeline or evaluation, by its name."""
-    stages = STAGES | {stage.name: stage for stage in (ANALYSIS, EVALUATE, REPORT)}
+    stages = STAGES | {stage.name: stage for stage in (ANALYSIS, SINGLE_LORA_STAGE, EVALUATE, REPORT)}
     if name in stages:
         return stages[name].describe(summary)
     stage = name.rsplit("/", 1)[-1]
     return (CLUSTER_STAGES[BASELINE_METHODS[0]] if stage == "cluster" else STAGES[stage]).describe(summary)
 
 
-def _run_baseline(cfg: Config, run: RunDir, method: str) -> dict[str, dict[str, Any]]:
-    """One baseline's cluster, experts and router stages, brought up to date in order."""
-    baseline, manifests = BaselineRun(run, method), {}
-    for stage in (CLUSTER_STAGES[method], EXPERTS, ROUTER):
-        name = baseline_stage_name(method, stage.name)
-        manifests[name] = bring_up_to_date(cfg, baseline, stage, label=name)
-    return manifests
+def _baseline_chains(run: RunDir) -> list[list[tuple[str, RunDir, Stage]]]:
+    """(label, run, stage) lists that are each built in order, and side by side with one another.
+
+    A baseline's clustering that reads the analysis stage builds after it, in the same chain; evaluate
+    reads it too, so it is built in any case.
+    """
+    chains: list[list[tuple[str, RunDir, Stage]]] = [[(SINGLE_LORA_STAGE.name, run, SINGLE_LORA_STAGE)]]
+    for method in BASELINE_METHODS:
+        baseline = BaselineRun(run, method)
+        chain = [(baseline_stage_name(method, stage.name), baseline, stage)
+                 for stage in (CLUSTER_STAGES[method], EXPERTS, ROUTER)]
+        if ANALYSIS.name in CLUSTER_STAGES[method].upstream:
+            chain.insert(0, (ANALYSIS.name, run, ANALYSIS))
+        chains.append(chain)
+    if not any(label == ANALYSIS.name for chain in chains for label, _, _ in chain):
+        chains.append([(ANALYSIS.name, run, ANALYSIS)])
+    return chains
+
+
+def _build_chain(cfg: Config, chain: list[tuple[str, RunDir, Stage]]) -> dict[str, dict[str, Any]]:
+    return {label: bring_up_to_date(cfg, owner, stage, label=label) for label, owner, stage in chain}
 
 
 def run_evaluation(cfg: Config, *, force: bool = False) -> dict[str, dict[str, Any]]:
     """Bring the pipeline, then every evaluation stage, up to date; `force` rebuilds evaluate and report."""
     manifests = run_stages(cfg, RUN_LAST_STAGE)
     run = RunDir(cfg.run.run_dir)
-    manifests["analysis"] = bring_up_to_date(cfg, run, ANALYSIS)
-    # The baselines side by side, each in its own thread: their expert jobs then share the cluster's
-    # free resources (on a laptop most of an expert job is Ray Train start-up, which overlaps well).
-    with ThreadPoolExecutor(max_workers=len(BASELINE_METHODS)) as pool:
-        for found in list(pool.map(lambda method: _run_baseline(cfg, run, method), BASELINE_METHODS)):
+    # Side by side, the baselines' Train jobs share the cluster's free resources (on a laptop most of a
+    # job is Ray Train start-up, which overlaps well).
+    chains = _baseline_chains(run)
+    with ThreadPoolExecutor(max_workers=len(chains)) as pool:
+        for found in list(pool.map(lambda chain: _build_chain(cfg, chain), chains)):
             manifests |= found
     manifests["evaluate"] = bring_up_to_date(cfg, run, EVALUATE, force=force)
     manifests["report"] = bring_up_to_date(cfg, run, REPORT, force=force)

@@ -273,7 +273,7 @@ def _describe_data(summary: dict[str, Any]) -> str:
 
 
 def _build_warmup(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
-    from gs_ray.train import TrainJob, run_training
+    from gs_ray.train import SUMMARY_KEYS, TrainJob, run_training
 
     data_dir = run.stage_dir("data")
     job = TrainJob(
@@ -287,9 +287,8 @@ def _build_warmup(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
         learning_rate=cfg.warmup.learning_rate,
         seed=cfg.run.seed,
     )
-    outcome = run_training(cfg, job)
-    keys = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "resumed_from_step")
-    return {key: outcome.metrics.get(key) for key in keys}
+    metrics = run_training(cfg, job).metrics
+    return {key: metrics.get(key) for key in SUMMARY_KEYS}
 
 
 def _describe_warmup(summary: dict[str, Any]) -> str:

@@ -132,7 +132,7 @@ def _curves(runs: dict[str, Any], run: Any) -> dict[str, list]:
     for name, found in runs.items():
         for metrics in sorted(found.stage_dir("experts").glob("expert-*/train_metrics.json")):
             curves[f"{name} {metrics.parent.name}"] = json.loads(metrics.read_text()).get("loss_curve", [])
-    single = run.stage_dir("evaluate") / SINGLE_LORA / "train_metrics.json"
+    single = run.stage_dir("single_lora") / "train_metrics.json"
     curves[SINGLE_LORA] = json.loads(single.read_text()).get("loss_curve", [])
     return curves
 

@@ -45,6 +45,8 @@ ADAPTER_DIRNAME = "adapter"
 """Folder inside the final checkpoint (and job.output_dir) holding the PEFT adapter."""
 CHECKPOINTS_KEPT = 2
 """Ray Train checkpoints kept on storage per run: the newest plus one fallback."""
+SUMMARY_KEYS = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "resumed_from_step")
+"""The metrics of a run that a stage training one adapter (warm-up, the one-LoRA baseline) keeps in its manifest."""
 
 
 @dataclass

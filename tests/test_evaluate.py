@@ -193,7 +193,7 @@ def quality_quick(tiny_finished_run):
 @pytest.mark.timeout(QUALITY_TIMEOUT_S)
 def test_quality_quick_scores_every_method_and_writes_the_report(quality_quick):
     from gs_ray.data import load_split
-    from gs_ray.evaluate import EVALUATION_FILE, SINGLE_LORA
+    from gs_ray.evaluate import EVALUATION_FILE
 
     cfg, manifests, summary, _ = quality_quick
     run = RunDir(cfg.run.run_dir)
@@ -206,7 +206,7 @@ def test_quality_quick_scores_every_method_and_writes_the_report(quality_quick):
         assert set(result["per_source"]) == set(evaluation["sources"]) and result["loss"] > 0
         assert set(result["exact_match_per_source"]) == {"math"}  # only GSM8K references are checkable
     # The one LoRA trained through the same loop on every training sample, for the experts' total steps.
-    baseline = json.loads((run.stage_dir("evaluate") / SINGLE_LORA / "train_metrics.json").read_text())
+    baseline = json.loads((run.stage_dir("single_lora") / "train_metrics.json").read_text())
     experts = manifests["experts"]["summary"]["experts"]
     assert baseline["step"] == evaluation["training_steps"]["gradientspace"] == sum(e["steps"] for e in experts)
     assert evaluation["methods"]["single_lora"]["loss"] < evaluation["methods"]["base"]["loss"]

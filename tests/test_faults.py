@@ -103,7 +103,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tiny_warm_run, tiny_con
     data_dir = tiny_warm_run("worker-fault") / "data"
     cfg = tiny_config("train.checkpoint_every=2", "train.max_failures=1", "train.log_every=2")
     job = TrainJob(name="worker-fault", train_split=str(data_dir / "warmup"), output_dir=str(tmp_path / "out"),
-                   storage_path=str(tmp_path / "ray_train"), max_steps=20, learning_rate=1e-2)
+                   storage_path=str(tmp_path / "ray_train"), max_steps=12, learning_rate=1e-2)
     run_storage = tmp_path / "ray_train" / job.name
     killed: list[int] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
