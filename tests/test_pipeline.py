@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gs_ray.cli import EXIT_USER_ERROR, main
-from gs_ray.pipeline import DATA, MANIFEST, WARMUP, RunDir, run_stages
+from gs_ray.pipeline import DATA, MANIFEST, WARMUP, RunDir, run_stages, warmup_epochs, warn_if_warmup_overfits
 
 
 def test_cli_warmup_runs_stages_then_skips_them(ray_start_4_cpus, tmp_path, capsys):
@@ -54,6 +54,21 @@ def test_upstream_change_makes_downstream_stale(ray_start_4_cpus, tiny_config):
     assert not run.is_current(changed, DATA)
     run_stages(changed, "data")
     assert not run.is_current(changed, WARMUP)  # its recorded data digest no longer matches
+
+
+def test_warmup_warns_when_it_passes_over_its_split_too_often(caplog):
+    from gs_ray.config import load_config
+
+    cfg = load_config("demo", ["warmup.max_steps=300", "train.micro_batch_size=4", "train.grad_accum_steps=2",
+                               "train.num_workers=2"])
+    assert warmup_epochs(cfg.train, 300, 480) == pytest.approx(10.0)  # 300 x 4 x 2 x 2 samples over 480
+    with caplog.at_level("WARNING", logger="gs_ray.pipeline"):
+        warn_if_warmup_overfits(cfg, warmup_epochs(cfg.train, 20, 480), 480)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="gs_ray.pipeline"):
+        warn_if_warmup_overfits(cfg, warmup_epochs(cfg.train, 300, 480), 480)
+    assert "300 steps make 10.0 passes over 480 warm-up samples" in caplog.text
+    assert "lower warmup.max_steps or raise data.warmup_fraction" in caplog.text
 
 
 def test_corrupt_manifest_counts_as_missing(tmp_path):
