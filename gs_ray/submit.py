@@ -26,9 +26,9 @@ WORKING_DIR_EXCLUDES = [".venv", ".git", ".cache", "runs", "**/__pycache__", "*.
 JOB_ENV_VARS = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 """A job never downloads models at run time; tokenizers' own threads fight Ray's workers for cores."""
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
+"""Where Ray keeps the token of clusters it started (token auth is on by default for new clusters)."""
 UNKNOWN_JOB_STATUS = "status code 404"
 """How the Jobs client words the answer to a job id the cluster does not know."""
-"""Where Ray keeps the token of clusters it started (token auth is on by default for new clusters)."""
 
 
 def job_address(address: str | None) -> str:
