@@ -15,11 +15,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 LOCAL_SCHEME = "file://"
+UPLOAD_THREADS = 8
+"""Files of one tree uploaded at once."""
 
 
 def cache_root() -> Path:
@@ -80,16 +83,24 @@ def delete_tree(location: str) -> None:
 
 
 def upload_tree(local_dir: Path, location: str, *, exclude: tuple[str, ...] = ()) -> None:
-    """Copy every file under local_dir to location, except the relative paths in exclude."""
+    """Copy every file under local_dir to location, except the relative paths in exclude.
+
+    Files go up UPLOAD_THREADS at a time: a stage holds many small files (Parquet parts, adapter
+    shards), and each is a round trip to the object store.
+    """
     fs, root = resolve(location)
     local = pafs.LocalFileSystem()
-    for source in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        relative = source.relative_to(local_dir).as_posix()
-        if relative in exclude:
-            continue
-        target = f"{root}/{relative}"
-        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(source), target, source_filesystem=local, destination_filesystem=fs)
+    sources = [path for path in sorted(local_dir.rglob("*"))
+               if path.is_file() and path.relative_to(local_dir).as_posix() not in exclude]
+    targets = [f"{root}/{source.relative_to(local_dir).as_posix()}" for source in sources]
+    for folder in sorted({target.rsplit("/", 1)[0] for target in targets}):
+        fs.create_dir(folder, recursive=True)
+
+    def copy(pair: tuple[Path, str]) -> None:
+        pafs.copy_files(str(pair[0]), pair[1], source_filesystem=local, destination_filesystem=fs)
+
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        list(pool.map(copy, zip(sources, targets)))
 
 
 def download_tree(location: str, local_dir: Path) -> None:
