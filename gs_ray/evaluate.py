@@ -54,11 +54,9 @@ EVALUATION_FILE = "evaluation.json"
 ANSWERS_FILE = "answers.jsonl"
 
 
-def experts_total_steps(run: Any) -> int:
-    """Optimizer steps of all of a run's experts together: the one-LoRA baseline's budget."""
-    from gs_ray.experts import EXPERTS_FILE
-
-    return sum(e["steps"] for e in json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())["experts"])
+def experts_total_steps(experts: dict[str, Any]) -> int:
+    """Optimizer steps of all experts together (an experts stage's summary or record): the one-LoRA baseline's budget."""
+    return sum(e["steps"] for e in experts["experts"])
 
 
 def train_single_lora(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
@@ -73,7 +71,7 @@ def train_single_lora(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
         eval_split=run.shared(data_dir / "eval"),
         output_dir=str(staging),
         storage_path=run.ray_train_storage,
-        max_steps=experts_total_steps(run),
+        max_steps=experts_total_steps(run.manifest("experts")["summary"]),
         learning_rate=cfg.experts.learning_rate,
         init_adapter=expert_init_adapter(cfg, run),
         seed=cfg.run.seed,
@@ -96,7 +94,7 @@ def routing(run: Any, rows: list[dict], prefix: str) -> dict[str, Any]:
     return {"adapters": {name: str(run.stage_dir("experts") / name[len(prefix):] / "adapter") for name in names},
             "names": names, "picked": [int(e) for e in picked], "probabilities": probabilities.tolist(),
             "own": [record["expert_of_cluster"][cluster_of[row["sample_id"]]] for row in rows],
-            "steps": experts_total_steps(run)}
+            "steps": experts_total_steps(record)}
 
 
 def method_routes(rows: list[dict], routings: dict[str, dict[str, Any]]) -> dict[str, list]:
