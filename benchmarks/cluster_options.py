@@ -16,7 +16,10 @@ For each seeded split (a random m rows play the validation split, the rest strea
 training split) and each option set (K fixed or automatic, centering, `init_coordinates`),
 the real clusterer fits, streams, and is scored against the source labels. Prints one JSON
 line per option set (mean and min purity and NMI over splits, the K it chose) and a summary
-line (`"summary": true`) with the mean purity of each `init_coordinates` at each K.
+line (`"summary": true`) with the mean purity of each `init_coordinates` at each K, and two figures of
+the gradients themselves: how often a sample's nearest neighbour shares its source, and the purity of
+spherical k-means on all rows at once with K = the number of sources (raw and centered), about the
+ceiling for a centroid method.
 --quick runs 3 splits instead of 10 (seconds either way).
 """
 
@@ -34,7 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gs_ray.baselines import spherical_kmeans  # noqa: E402
 from gs_ray.cluster import OnlineSVDClusterer, spectrum_from_gram  # noqa: E402
+from gs_ray.diagnostics import nearest_neighbour_agreement  # noqa: E402
 from gs_ray.config import load_config  # noqa: E402
 from gs_ray.evaluate import label_agreement  # noqa: E402
 from gs_ray.gradient_analysis import cosine_matrix, load_analysis  # noqa: E402
@@ -55,6 +60,16 @@ def replay(rows: np.ndarray, labels: list, cluster_cfg, m: int, seed: int) -> di
     clusters, _ = clusterer.partial_fit(rows[streamed])
     agreement = label_agreement(clusters, [labels[i] for i in streamed])
     return {"k": k, "purity": agreement["purity"], "nmi": agreement["nmi"]}
+
+
+def structure(rows: np.ndarray, labels: list, restarts: int) -> dict:
+    """Nearest-neighbour agreement with the source, and k-means purity on all rows at K = the number of sources."""
+    k = len({label for label in labels if label is not None})
+    found = {"nearest_neighbour_same_source": round(nearest_neighbour_agreement(rows @ rows.T, labels), 3)}
+    for name, features in (("raw", rows), ("centered", rows - rows.mean(axis=0))):
+        clusters, _ = spherical_kmeans(features, k, restarts, seed=0)
+        found[f"kmeans_all_k{k}_{name}_purity"] = round(label_agreement(clusters, labels)["purity"], 3)
+    return found
 
 
 def main() -> None:
@@ -88,7 +103,8 @@ def main() -> None:
         print(json.dumps(record), flush=True)
         if center:
             means[f"purity_k{k}_m{m}_{init}"] = record["purity_mean"]
-    print(json.dumps({"summary": True, "run_dir": args.run_dir, "samples": len(rows), "centered": True, **means}))
+    print(json.dumps({"summary": True, "run_dir": args.run_dir, "samples": len(rows), "centered": True, **means,
+                      **structure(rows, labels, cfg.baselines.kmeans_restarts)}))
 
 
 if __name__ == "__main__":
