@@ -274,8 +274,8 @@ def _describe_data(summary: dict[str, Any]) -> str:
 
 WARMUP_EPOCHS_WARNING = 4.0
 """Passes over the warm-up split above which the warm-up stage warns. Measured on the real mix (SmolLM2-135M,
-71 warm-up samples): 30 steps (1.7 passes) gave gradients that k-means at K = 3 splits by source with purity
-0.91; 300 steps (17 passes, held-out loss no better) gave 0.63 (benchmarks/RESULTS.md)."""
+LoRA on q/k/v/o, 71 warm-up samples): after 30 steps (1.7 passes) k-means at K = 3 (centered) split the gradients
+by source with purity 0.75; after 300 steps (17 passes, held-out loss no better) 0.61 (benchmarks/RESULTS.md)."""
 
 
 def warmup_epochs(train: TrainConfig, steps: int, samples: int) -> float:
