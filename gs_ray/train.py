@@ -45,6 +45,8 @@ ADAPTER_DIRNAME = "adapter"
 """Folder inside the final checkpoint (and job.output_dir) holding the PEFT adapter."""
 CHECKPOINTS_KEPT = 2
 """Ray Train checkpoints kept on storage per run: the newest plus one fallback."""
+SHM_COMM_BUILDER = "ShareMemCommBuilder"
+"""DeepSpeed's op builder for its CPU shared-memory all-reduce (see `skip_shm_comm_build`)."""
 SUMMARY_KEYS = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "resumed_from_step")
 """The metrics of a run that a stage training one adapter (warm-up, the one-LoRA baseline) keeps in its manifest."""
 
@@ -94,6 +96,23 @@ def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op in this process.
+
+    On a CPU accelerator, DeepSpeed's torch backend compiles that C++ op (about a minute on
+    2 cores, once per node and Python environment) when it starts, but only its tensor-parallel
+    inference all-reduce uses it; training's collectives go through the process group (gloo)
+    either way. deepspeed.ops keeps op compatibility in one module-level dict whose edits
+    persist; marking the op incompatible makes the backend skip the build.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(SHM_COMM_BUILDER)
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def learning_rate_factor(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -232,6 +251,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world = context.get_world_rank(), context.get_world_size()
     if not cfg.train.use_gpu:
         torch.set_num_threads(cfg.train.cpus_per_worker)
+        skip_shm_comm_build()
 
     pad_id = models.load_tokenizer(cfg.model).pad_token_id
     rows = load_split(job.train_split)

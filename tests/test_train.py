@@ -2,6 +2,9 @@
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,3 +98,18 @@ def test_learning_rate_schedule():
     assert learning_rate_factor(52, 4, 100) == pytest.approx(0.5)
     assert learning_rate_factor(100, 4, 100) == pytest.approx(0.0)
     assert learning_rate_factor(0, 0, 10) == pytest.approx(1.0)
+
+
+SHM_OP_CHECK = """
+from deepspeed.comm.torch import build_shm_op
+from gs_ray.train import skip_shm_comm_build
+skip_shm_comm_build()
+assert build_shm_op() is None, "DeepSpeed still builds its shm comm op"
+"""
+
+
+def test_cpu_training_skips_building_the_shm_comm_op():
+    # Without the skip, build_shm_op compiles the op (about a minute) or loads it from the torch extensions cache.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SHM_OP_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
