@@ -21,6 +21,11 @@ the gradients themselves: how often a sample's nearest neighbour shares its sour
 spherical k-means on all rows at once with K = the number of sources (raw and centered), about the
 ceiling for a centroid method.
 --quick runs 3 splits instead of 10 (seconds either way).
+
+--blocks replays on part of the gradient: the sum of the Gram matrices of the blocks
+(`grads.gradient_block`, e.g. "v_proj.lora_B") whose name contains any of the given strings,
+so `--blocks lora_B` clusters on the B matrices' gradients alone and `--blocks v_proj` on
+v_proj's A and B. Default: the whole gradient.
 """
 
 from __future__ import annotations
@@ -42,13 +47,27 @@ from gs_ray.cluster import OnlineSVDClusterer, spectrum_from_gram  # noqa: E402
 from gs_ray.diagnostics import nearest_neighbour_agreement  # noqa: E402
 from gs_ray.config import load_config  # noqa: E402
 from gs_ray.evaluate import label_agreement  # noqa: E402
-from gs_ray.gradient_analysis import cosine_matrix, load_analysis  # noqa: E402
+from gs_ray.gradient_analysis import BLOCK_GRAM_PREFIX, cosine_matrix, load_analysis  # noqa: E402
 
 
 def unit_gradient_rows(gram: np.ndarray) -> np.ndarray:
     """Rows whose inner products are the gradients' cosines (n x n, float32, as Stage II's features)."""
     singular_values, vectors = spectrum_from_gram(cosine_matrix(gram))
     return (vectors * singular_values).astype(np.float32)
+
+
+def selected_gram(arrays: dict[str, np.ndarray], blocks: list[str] | None, analysis: Path) -> np.ndarray:
+    """The whole Gram matrix, or the sum of the block Grams whose block name contains one of `blocks`."""
+    if not blocks:
+        return arrays["gram"]
+    names = [key[len(BLOCK_GRAM_PREFIX):] for key in arrays if key.startswith(BLOCK_GRAM_PREFIX)]
+    if not names:
+        sys.exit(f"cluster_options: {analysis} has no per-block Gram matrices (built by an older gs_ray); "
+                 f"remove that folder and rebuild it with `gs-ray evaluate`")
+    chosen = [name for name in names if any(part in name for part in blocks)]
+    if not chosen:
+        sys.exit(f"cluster_options: no gradient block matches {blocks}; the blocks are {sorted(names)}")
+    return sum(arrays[BLOCK_GRAM_PREFIX + name] for name in chosen)
 
 
 def replay(rows: np.ndarray, labels: list, cluster_cfg, m: int, seed: int) -> dict:
@@ -78,6 +97,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 splits instead of 10")
     parser.add_argument("--val-samples", type=int, nargs="+", default=[48, 100, 200], help="validation rows m")
     parser.add_argument("--k", type=int, nargs="+", default=[0, 3], help="cluster.k values (0: the gap rule)")
+    parser.add_argument("--blocks", nargs="+", default=None,
+                        help="cluster on these gradient blocks only (substrings of names like v_proj.lora_B)")
     args = parser.parse_args()
     analysis = Path(args.run_dir) / "analysis"
     if not (analysis / "manifest.json").exists():
@@ -85,7 +106,7 @@ def main() -> None:
                  f"--run-dir {args.run_dir}` (or benchmarks/quality.py) first")
     cfg = load_config(str(Path(args.run_dir) / "config.yaml"))
     arrays, table = load_analysis(analysis)
-    rows, labels = unit_gradient_rows(arrays["gram"]), table["label"]
+    rows, labels = unit_gradient_rows(selected_gram(arrays, args.blocks, analysis)), table["label"]
     if all(label is None for label in labels):
         sys.exit(f"cluster_options: the samples in {analysis} have no source labels to score against")
     splits = 3 if args.quick else 10
@@ -103,7 +124,8 @@ def main() -> None:
         print(json.dumps(record), flush=True)
         if center:
             means[f"purity_k{k}_m{m}_{init}"] = record["purity_mean"]
-    print(json.dumps({"summary": True, "run_dir": args.run_dir, "samples": len(rows), "centered": True, **means,
+    print(json.dumps({"summary": True, "run_dir": args.run_dir, "blocks": args.blocks or "all", "samples": len(rows),
+                      "centered": True, **means,
                       **structure(rows, labels, cfg.baselines.kmeans_restarts)}))
 
 

@@ -30,7 +30,7 @@ def _build_analysis(cfg: Config, run: RunDir, staging) -> dict[str, Any]:
 
 
 def _describe_analysis(summary: dict[str, Any]) -> str:
-    return (f"gradients of {summary['rows']} samples (d = {summary['dim']}) -> Gram matrix and "
+    return (f"gradients of {summary['rows']} samples (d = {summary['dim']}) -> Gram matrix (whole and per block) and "
             f"{summary['projection_dim']}-dim Rademacher projections")
 
 

@@ -2,11 +2,14 @@
 
 The `analysis` stage computes the full LoRA gradient of every train and eval sample with
 the warm-up adapter (the Stage II worker pool, mode "gradients"), holds them only in a
-memory-mapped scratch file, and keeps two small things:
+memory-mapped scratch file, and keeps only small things:
 
 - the Gram matrix G G^T of all rows (n x n, float64). Everything the report asks of the
   gradients follows from it: cosines, the within-cluster variance of any clustering
   (`variance_ratio`), and a 2-D PCA (`pca_2d`);
+- the same Gram matrix split by gradient block (`grads.gradient_block`: one module's A or
+  B matrices across layers, e.g. "v_proj.lora_B"), which sum to it, so the clustering can
+  be replayed on any subset or reweighting of blocks (benchmarks/cluster_options.py);
 - the rows projected to `baselines.projection_dim` dimensions by a seeded Rademacher
   matrix, as LESS and ELREA do (`rademacher_project`), for the random-projection baseline.
 
@@ -37,6 +40,8 @@ ZERO_NORM = 1e-12
 GRAM_FILE = "gradients.safetensors"
 ROWS_FILE = "rows.parquet"
 ANALYSIS_SPLITS = ("train", "eval")
+BLOCK_GRAM_PREFIX = "block_gram/"
+"""Key prefix, in GRAM_FILE, of each gradient block's Gram matrix (the block's name follows)."""
 
 
 def rademacher_block(seed: int, block: int, rows: int, dim: int) -> np.ndarray:
@@ -59,6 +64,17 @@ def rademacher_project(matrix, dim: int, seed: int) -> np.ndarray:
         columns = torch.from_numpy(np.ascontiguousarray(matrix[:, start : start + rows], dtype=np.float32)).to(device)
         out += columns @ torch.from_numpy(rademacher_block(seed, block, rows, dim)).to(device)
     return out.cpu().numpy()
+
+
+def block_grams(matrix, blocks: dict[str, list[tuple[int, int]]]) -> dict[str, np.ndarray]:
+    """The Gram matrix of each block's columns of matrix (n x d); together they sum to the whole Gram matrix."""
+    spans = sorted(span for block_spans in blocks.values() for span in block_spans)
+    stops = [0] + [stop for _, stop in spans]
+    if [start for start, _ in spans] != stops[:-1] or stops[-1] != matrix.shape[1]:
+        raise ValueError(f"the gradient blocks cover columns {spans[:1]}..{spans[-1:]} with gaps or overlaps; "
+                        f"the gradients have {matrix.shape[1]} columns")
+    return {name: sum(gram_matrix(matrix[:, start:stop]) for start, stop in block_spans)
+            for name, block_spans in blocks.items()}
 
 
 def cosine_matrix(gram: np.ndarray) -> np.ndarray:
@@ -96,7 +112,10 @@ def pca_2d(gram: np.ndarray) -> np.ndarray:
 
 
 def load_analysis(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """(arrays {"gram", "projected"}, rows {"sample_id", "split", "label"}) of a finished analysis stage."""
+    """(arrays {"gram", "projected", BLOCK_GRAM_PREFIX + block, ...}, rows {"sample_id", "split", "label"}).
+
+    The arrays and rows of a finished analysis stage; stages built before block Grams existed have none.
+    """
     from safetensors.numpy import load_file
 
     return load_file(str(folder / GRAM_FILE)), pq.read_table(folder / ROWS_FILE).to_pydict()
@@ -107,6 +126,7 @@ def build_analysis(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
     from gs_ray.data import load_split
+    from gs_ray.grads import gradient_blocks
     from gs_ray.gradient_stream import INPUT_COLUMNS, ordered_execution, gradients_to_file
 
     rows, split_of = [], {}
@@ -121,14 +141,18 @@ def build_analysis(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     # The scratch file lives in the staging folder only while this runs: n x d floats are never kept.
     with ordered_execution(), tempfile.NamedTemporaryFile(dir=staging, prefix=".gradients-", suffix=".f32") as handle:
         ids, matrix = gradients_to_file(cfg, rows, adapter, handle.name)
-        gram = gram_matrix(matrix)
+        grams = block_grams(matrix, gradient_blocks(run.stage_dir("warmup") / "adapter"))
+        gram = sum(grams.values())
         projected = rademacher_project(matrix, cfg.baselines.projection_dim, cfg.baselines.projection_seed)
         dim = int(matrix.shape[1])
         del matrix
-    save_file({"gram": gram, "projected": projected}, str(staging / GRAM_FILE))
+    blocks = {f"{BLOCK_GRAM_PREFIX}{name}": block for name, block in grams.items()}
+    save_file({"gram": gram, "projected": projected, **blocks}, str(staging / GRAM_FILE))
     table = {"sample_id": ids, "split": [split_of[i] for i in ids], "label": [label_of[i] for i in ids]}
     pq.write_table(pa.table(table), staging / ROWS_FILE)
     summary = {"rows": {split: table["split"].count(split) for split in ANALYSIS_SPLITS}, "dim": dim,
-               "projection_dim": cfg.baselines.projection_dim}
+               "projection_dim": cfg.baselines.projection_dim,
+               "block_norm_share": {name: round(float(np.trace(block) / max(np.trace(gram), ZERO_NORM)), 4)
+                                    for name, block in grams.items()}}
     (staging / "analysis.json").write_text(json.dumps(summary, indent=2))
     return summary

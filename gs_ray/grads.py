@@ -15,7 +15,10 @@ benchmarks use it, the pipeline never does.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,9 @@ from gs_ray.models import lora_parameters
 from gs_ray.train import token_losses
 
 WEIGHT_SUFFIX = ".weight"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""The weight file of a PEFT adapter folder (models.save_adapter)."""
+_BLOCK = re.compile(r"\.(\w+)\.(lora_[AB])\.")
 
 
 def per_sample_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -44,6 +50,34 @@ def _lora_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
             raise ValueError(f"{name}: expected a bias-free nn.Linear LoRA matrix, got {type(module).__name__}")
         linears.append((name, module))
     return linears
+
+
+def gradient_block(parameter_name: str) -> str:
+    """The block of gradient coordinates a LoRA weight belongs to: its module and matrix, e.g. "q_proj.lora_B"."""
+    found = _BLOCK.search(parameter_name)
+    if found is None:
+        raise ValueError(f"{parameter_name} is not a LoRA A or B weight")
+    return f"{found.group(1)}.{found.group(2)}"
+
+
+def gradient_blocks(adapter_dir: str | Path) -> dict[str, list[tuple[int, int]]]:
+    """Column spans [start, stop) of each block in the gradient rows of the adapter saved at adapter_dir.
+
+    Read from the weight file's header, without loading the model. Saved names lack
+    PEFT's adapter-name segment (".default"), which every parameter name carries in the
+    same place, so sorting them gives the order of `lora_parameters`.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="numpy") as weights:
+        sizes = {name: math.prod(weights.get_slice(name).get_shape()) for name in weights.keys()
+                 if _BLOCK.search(name)}
+    blocks: dict[str, list[tuple[int, int]]] = {}
+    start = 0
+    for name in sorted(sizes):
+        blocks.setdefault(gradient_block(name), []).append((start, start + sizes[name]))
+        start += sizes[name]
+    return blocks
 
 
 class PerSampleGradients:

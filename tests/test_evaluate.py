@@ -1,6 +1,7 @@
 """Evaluation: exact match, the random projection, the diagnostics, the baselines and quality.py end to end."""
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ from gs_ray.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
 from gs_ray.diagnostics import component_shares, cosine_pairs, nearest_neighbour_agreement, pair_summary
 from gs_ray.evaluate import METHODS, comparisons
 from gs_ray.exact_match import is_correct, predicted_answer, reference_answer
-from gs_ray.gradient_analysis import PROJECTION_BLOCK, cosine_matrix, pca_2d, rademacher_project, variance_ratio
+from gs_ray.gradient_analysis import (BLOCK_GRAM_PREFIX, PROJECTION_BLOCK, block_grams, cosine_matrix, load_analysis,
+                                     pca_2d, rademacher_project, variance_ratio)
 from gs_ray.pipeline import RunDir
 from gs_ray.report_markdown import render, shortfalls
 from gs_ray.scoring import mixed_token_losses
@@ -74,6 +76,20 @@ def test_variance_ratio_is_below_one_on_planted_clusters_and_matches_the_direct_
     coordinates = pca_2d(gram)  # the planted clusters separate on the first two components
     assert coordinates.shape == (60, 2)
     assert variance_ratio(coordinates @ coordinates.T, planted) < 0.1
+
+
+def test_block_grams_sum_to_the_whole_gram_and_refuse_a_layout_with_gaps():
+    matrix = np.random.default_rng(3).normal(size=(6, 10)).astype(np.float32)
+    blocks = {"q_proj.lora_A": [(0, 2), (5, 7)], "q_proj.lora_B": [(2, 5), (7, 10)]}
+    grams = block_grams(matrix, blocks)
+    columns = matrix[:, [0, 1, 5, 6]].astype(np.float64)
+    np.testing.assert_allclose(grams["q_proj.lora_A"], columns @ columns.T, rtol=1e-6)
+    whole = matrix.astype(np.float64)
+    np.testing.assert_allclose(grams["q_proj.lora_A"] + grams["q_proj.lora_B"], whole @ whole.T, rtol=1e-6)
+    with pytest.raises(ValueError, match="gaps or overlaps"):
+        block_grams(matrix, {"q_proj.lora_A": [(0, 2)], "q_proj.lora_B": [(3, 10)]})
+    with pytest.raises(ValueError, match="10 columns"):
+        block_grams(matrix, {"q_proj.lora_A": [(0, 4)], "q_proj.lora_B": [(4, 8)]})
 
 
 def test_mixture_loss_is_the_mixed_distributions_loss():
@@ -220,6 +236,37 @@ def test_quality_quick_scores_every_method_and_writes_the_report(quality_quick):
     for plot in manifests_report_plots(run):
         assert (run.stage_dir("report") / plot).stat().st_size > 0 and f"]({plot})" in report
     assert json.loads((Path(cfg.run.run_dir) / "quality.json").read_text()) == summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT_S)
+def test_analysis_keeps_one_gram_matrix_per_gradient_block(quality_quick):
+    cfg, _, _, _ = quality_quick
+    run = RunDir(cfg.run.run_dir)
+    arrays, rows = load_analysis(run.stage_dir("analysis"))
+    blocks = {key[len(BLOCK_GRAM_PREFIX):]: gram for key, gram in arrays.items() if key.startswith(BLOCK_GRAM_PREFIX)}
+    assert set(blocks) == {f"{module}.lora_{matrix}" for module in cfg.lora.target_modules for matrix in "AB"}
+    assert all(gram.shape == (len(rows["sample_id"]),) * 2 for gram in blocks.values())
+    np.testing.assert_allclose(sum(blocks.values()), arrays["gram"], rtol=1e-9)
+    shares = run.manifest("analysis")["summary"]["block_norm_share"]
+    assert set(shares) == set(blocks) and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert shares[f"{cfg.lora.target_modules[0]}.lora_A"] > 0  # A has gradients only once the warm-up moved B off zero
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(QUALITY_TIMEOUT_S)
+def test_cluster_options_replays_on_chosen_gradient_blocks(quality_quick):
+    cfg, _, _, _ = quality_quick
+    samples = len(load_analysis(RunDir(cfg.run.run_dir).stage_dir("analysis"))[1]["sample_id"])
+    command = [sys.executable, str(ROOT / "benchmarks" / "cluster_options.py"), "--run-dir", cfg.run.run_dir,
+               "--quick", "--k", "2", "--val-samples", str(samples // 2)]
+    done = subprocess.run([*command, "--blocks", "lora_B"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["summary"] and summary["blocks"] == ["lora_B"] and summary["samples"] == samples
+    assert 0 < summary[f"purity_k2_m{samples // 2}_all"] <= 1
+    missing = subprocess.run([*command, "--blocks", "no_such_proj"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no gradient block matches ['no_such_proj']" in missing.stderr
 
 
 def manifests_report_plots(run: RunDir) -> list[str]:

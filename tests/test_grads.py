@@ -5,8 +5,8 @@ import torch
 
 from gs_ray.config import load_config
 from gs_ray.data import IGNORE_INDEX, pad_batch
-from gs_ray.grads import PerSampleGradients, batched_backward, reference_gradients
-from gs_ray.models import attach_lora, load_base_model, lora_parameters
+from gs_ray.grads import PerSampleGradients, batched_backward, gradient_block, gradient_blocks, reference_gradients
+from gs_ray.models import attach_lora, load_base_model, lora_parameters, save_adapter
 
 # Lengths differ so every row but one is padded; prompts of different length too.
 LENGTHS = [(5, 9), (12, 3), (2, 20), (30, 1), (7, 7)]
@@ -77,3 +77,17 @@ def test_model_without_lora_is_refused():
     cfg = load_config("tiny")
     with pytest.raises(ValueError, match="no LoRA parameters"):
         PerSampleGradients(load_base_model(cfg.model))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]])
+def test_gradient_blocks_read_from_the_saved_adapter_follow_the_gradient_rows(targets, tmp_path):
+    model = _trained_lora(targets)
+    save_adapter(model, tmp_path / "adapter")
+    expected, start = {}, 0
+    for name, param in lora_parameters(model):  # the row layout PerSampleGradients documents
+        expected.setdefault(gradient_block(name), []).append((start, start + param.numel()))
+        start += param.numel()
+    assert gradient_blocks(tmp_path / "adapter") == expected
+    assert set(expected) == {f"{module}.lora_{matrix}" for module in targets for matrix in "AB"}
+    with pytest.raises(ValueError, match="not a LoRA A or B weight"):
+        gradient_block("model.layers.0.self_attn.q_proj.weight")
