@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from gs_ray.config import Config, TrainConfig, config_from_dict
 from gs_ray.data import IGNORE_INDEX, load_split, pad_batch
 from gs_ray.errors import DataError
 
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "state"
 """DeepSpeed checkpoint tag: one state per Ray Train checkpoint directory."""
@@ -290,7 +293,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 seconds_per_step = (time.monotonic() - started) / (step - start_step)
                 mean_loss = state["loss_curve"][-1][1]
-                print(f"[{job.name}] step {step}/{job.max_steps}  loss {mean_loss:.4f}  {seconds_per_step:.2f} s/step", flush=True)
+                # Through logging, not print: Ray Train patches print in its workers and a print reached the driver twice.
+                logger.info("[%s] step %d/%d  loss %.4f  %.2f s/step", job.name, step, job.max_steps, mean_loss,
+                            seconds_per_step)
         if step % cfg.train.checkpoint_every == 0 and step < job.max_steps:
             _save_checkpoint(engine, state, {"step": step, "loss": loss.item()}, adapter=False)
 
