@@ -76,13 +76,17 @@ class GradientFeatures:
         return _row_normalize(np.where(has_gradient, units - self.mean, 0).astype(FEATURE_DTYPE))
 
 
-def gram_matrix(matrix) -> np.ndarray:
-    """The m x m float64 Gram matrix of an m x d matrix, accumulated over column blocks."""
+def gram_matrix(matrix, spans: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """The m x m float64 Gram matrix of an m x d matrix's columns (all, or those in spans [start, stop)).
+
+    Accumulated in place over column blocks, so only one m x m array is ever held.
+    """
     matrix = _as_matrix(matrix)
     gram = np.zeros((matrix.shape[0], matrix.shape[0]), dtype=np.float64)
-    for start in range(0, matrix.shape[1], COLUMN_BLOCK):
-        block = np.asarray(matrix[:, start : start + COLUMN_BLOCK], dtype=np.float64)
-        gram += block @ block.T
+    for begin, end in spans or [(0, matrix.shape[1])]:
+        for start in range(begin, end, COLUMN_BLOCK):
+            block = np.asarray(matrix[:, start : min(start + COLUMN_BLOCK, end)], dtype=np.float64)
+            gram += block @ block.T
     return gram
 
 

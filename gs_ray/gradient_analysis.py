@@ -73,8 +73,7 @@ def block_grams(matrix, blocks: dict[str, list[tuple[int, int]]]) -> dict[str, n
     if [start for start, _ in spans] != stops[:-1] or stops[-1] != matrix.shape[1]:
         raise ValueError(f"the gradient blocks cover columns {spans[:1]}..{spans[-1:]} with gaps or overlaps; "
                         f"the gradients have {matrix.shape[1]} columns")
-    return {name: sum(gram_matrix(matrix[:, start:stop]) for start, stop in block_spans)
-            for name, block_spans in blocks.items()}
+    return {name: gram_matrix(matrix, block_spans) for name, block_spans in blocks.items()}
 
 
 def cosine_matrix(gram: np.ndarray) -> np.ndarray:
@@ -137,11 +136,12 @@ def build_analysis(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     if not rows:
         raise DataError("the train and eval splits are empty: nothing to analyse")
     label_of = {row["sample_id"]: row["label"] for row in rows}
-    adapter = run.shared(run.stage_dir("warmup") / "adapter")
+    warmup_adapter = run.stage_dir("warmup") / "adapter"
+    adapter = run.shared(warmup_adapter)
     # The scratch file lives in the staging folder only while this runs: n x d floats are never kept.
     with ordered_execution(), tempfile.NamedTemporaryFile(dir=staging, prefix=".gradients-", suffix=".f32") as handle:
         ids, matrix = gradients_to_file(cfg, rows, adapter, handle.name)
-        grams = block_grams(matrix, gradient_blocks(run.stage_dir("warmup") / "adapter"))
+        grams = block_grams(matrix, gradient_blocks(warmup_adapter))
         gram = sum(grams.values())
         projected = rademacher_project(matrix, cfg.baselines.projection_dim, cfg.baselines.projection_seed)
         dim = int(matrix.shape[1])

@@ -23,12 +23,10 @@ from typing import Any
 
 import torch
 
-from gs_ray.models import lora_parameters
+from gs_ray.models import ADAPTER_WEIGHTS, lora_parameters
 from gs_ray.train import token_losses
 
 WEIGHT_SUFFIX = ".weight"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-"""The weight file of a PEFT adapter folder (models.save_adapter)."""
 _BLOCK = re.compile(r"\.(\w+)\.(lora_[AB])\.")
 
 

