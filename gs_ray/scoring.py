@@ -127,13 +127,27 @@ def score_methods(cfg: Config, adapters: dict[str, str], rows: list[dict], metho
         ordered = sorted(members)
         for index, values in zip(ordered, scorer.token_losses(name, [rows[i] for i in ordered], batch)):
             losses[name, index] = values
+    answers = answers_by_method(scorer, rows, methods, generate, cfg.evaluate.max_new_tokens,
+                                cfg.evaluate.generation_batch_size)
     out = {}
     for method, routes in methods.items():
         per_row = [losses[route.adapters[0], i] if len(route.adapters) == 1 else
                    mixed_token_losses([losses[name, i] for name in route.adapters], route.weights)
                    for i, route in enumerate(routes)]
-        answers = scorer.answers([rows[i] for i in generate], [routes[i] for i in generate],
-                                 cfg.evaluate.max_new_tokens, cfg.evaluate.generation_batch_size) if generate else []
         out[method] = {"loss_sums": [float(v.sum()) for v in per_row], "token_counts": [len(v) for v in per_row],
-                       "answers": dict(zip(generate, answers))}
+                       "answers": answers[method]}
     return out
+
+
+def answers_by_method(scorer: AdapterScorer, rows: list[dict], methods: dict[str, list[Route]], generate: list[int],
+                      max_new_tokens: int, batch_size: int) -> dict[str, dict[int, str]]:
+    """{method: {row index: greedy answer}} for the rows in `generate`, each (row, route) decoded once.
+
+    Greedy decoding is a function of the prompt and the route, so methods that send a row the same way
+    (routed and oracle wherever the router is right) share one answer instead of decoding it again.
+    """
+    unique = list(dict.fromkeys((i, methods[method][i]) for method in methods for i in generate))
+    texts = scorer.answers([rows[i] for i, _ in unique], [route for _, route in unique], max_new_tokens,
+                           batch_size) if unique else []
+    decoded = dict(zip(unique, texts))
+    return {method: {i: decoded[i, routes[i]] for i in generate} for method, routes in methods.items()}

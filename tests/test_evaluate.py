@@ -18,7 +18,7 @@ from gs_ray.gradient_analysis import (BLOCK_GRAM_PREFIX, PROJECTION_BLOCK, block
                                      pca_2d, rademacher_project, variance_ratio)
 from gs_ray.pipeline import RunDir
 from gs_ray.report_markdown import render, shortfalls
-from gs_ray.scoring import mixed_token_losses
+from gs_ray.scoring import Route, answers_by_method, mixed_token_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY_TIMEOUT_S = 1800
@@ -98,6 +98,32 @@ def test_mixture_loss_is_the_mixed_distributions_loss():
     mixed = mixed_token_losses([first, second], (0.3, 0.7))
     assert np.allclose(mixed, -np.log(0.3 * np.exp(-first) + 0.7 * np.exp(-second)))
     assert np.all(mixed <= np.maximum(first, second)) and np.all(mixed >= np.minimum(first, second))
+
+
+class _RecordingScorer:
+    """Stands in for AdapterScorer.answers: an answer names its row and route, and every decode is recorded."""
+
+    def __init__(self):
+        self.decoded = []
+
+    def answers(self, rows, routes, max_new_tokens, batch_size):
+        self.decoded.extend(zip((row["sample_id"] for row in rows), routes))
+        return [f"{row['sample_id']} via {route.adapters}" for row, route in zip(rows, routes)]
+
+
+def test_methods_that_route_a_row_the_same_way_share_one_decoded_answer():
+    rows = [{"sample_id": f"s{i}"} for i in range(4)]
+    expert = [Route(("expert-0",)), Route(("expert-1",))]
+    methods = {"routed": [expert[0], expert[1], expert[0], expert[1]],
+               "oracle": [expert[0], expert[1], expert[1], expert[1]],  # differs from routed on row 2 only
+               "ensemble": [Route(("expert-0", "expert-1"), (0.5, 0.5))] * 4}
+    scorer = _RecordingScorer()
+    answers = answers_by_method(scorer, rows, methods, [0, 2, 3], max_new_tokens=8, batch_size=2)
+    # routed and oracle agree on rows 0 and 3: 3 rows x 3 methods, less those two shared decodes.
+    assert len(scorer.decoded) == len(set(scorer.decoded)) == 7
+    for method, routes in methods.items():
+        assert answers[method] == {i: f"s{i} via {routes[i].adapters}" for i in (0, 2, 3)}
+    assert answers_by_method(scorer, rows, methods, [], max_new_tokens=8, batch_size=2) == {m: {} for m in methods}
 
 
 def test_spherical_kmeans_finds_k_clusters_deterministically():
