@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gs_ray.schemas import json_problem
+
 ROUTED_MODEL = "gs-ray"
 ENSEMBLE_MODEL = "gs-ray:ensemble"
 BASE_MODEL = "base"
@@ -122,10 +124,8 @@ def decode_body(raw: bytes) -> Any:
     except UnicodeEncodeError:
         raise APIError(400, "the request body is not valid Unicode: it holds an unpaired surrogate escape "
                             "such as \\ud800") from None
-    except RecursionError:
-        raise APIError(400, "the request body is not valid JSON: values nested too deeply to read") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and json's limit on an integer's digits
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"the request body is {json_problem(exc)}") from None
     return body
 
 

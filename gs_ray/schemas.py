@@ -76,14 +76,16 @@ _LENIENT_DECODER = json.JSONDecoder()
 """Finds where an element with a repeated key ends, so that a JSON array can be read past it."""
 
 
-def _json_problem(exc: ValueError | RecursionError) -> str:
-    """Why a JSON text cannot become a record, whatever json raised."""
+def json_problem(exc: ValueError | RecursionError) -> str:
+    """Why a JSON text cannot become a value, whatever json raised (data files and request bodies alike)."""
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} (column {exc.colno})"
     if isinstance(exc, RecursionError):
         return "invalid JSON: values nested too deeply to read"
     if isinstance(exc, _DuplicateKey):
         return str(exc)
+    if isinstance(exc, UnicodeDecodeError):  # json.loads of bytes that are not UTF-8, -16 or -32
+        return f"invalid JSON: not valid UTF-8 at byte {exc.start}"
     # The only other ValueError json raises: an integer over Python's conversion limit.
     return f"invalid JSON: a number with more than {sys.get_int_max_str_digits()} digits"
 
@@ -127,7 +129,7 @@ def _jsonl_records(path: str, data: bytes) -> Iterator[tuple[str, Record | None,
         try:
             value = _DECODER.decode(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-            yield location, None, _json_problem(exc)
+            yield location, None, json_problem(exc)
             continue
         yield location, *_as_record(value)
 
@@ -154,11 +156,11 @@ def _json_array_records(path: str, data: bytes) -> Iterator[tuple[str, Record | 
             value, end = _DECODER.raw_decode(text, position)
             record, problem = _as_record(value)
         except _DuplicateKey as exc:  # the element itself is well-formed: report it and read on
-            (_, end), record, problem = _LENIENT_DECODER.raw_decode(text, position), None, _json_problem(exc)
+            (_, end), record, problem = _LENIENT_DECODER.raw_decode(text, position), None, json_problem(exc)
         except json.JSONDecodeError as exc:
             raise FileError(f"invalid JSON array at line {exc.lineno}: {exc.msg}") from None
         except (ValueError, RecursionError) as exc:  # where the element ends is unknown: the rest is unreadable
-            raise FileError(f"JSON array element at line {line}: {_json_problem(exc)}") from None
+            raise FileError(f"JSON array element at line {line}: {json_problem(exc)}") from None
         yield f"{path}:{line}", record, problem
         position = _skip_space(text, end)
         if text.startswith(",", position):

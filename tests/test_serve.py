@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gs_ray.openai_api import APIError, resolve_model
+from gs_ray.openai_api import APIError, decode_body, resolve_model
 
 API_KEY = "test-key-123"
 MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 384, 32
@@ -54,6 +54,19 @@ def test_model_ids_are_checked_against_the_run_and_never_become_paths():
     with pytest.raises(ValueError):
         expert_adapter_dir("/r", "../../etc")
 
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"model": "gs-ray", "messages": [', "invalid JSON: Expecting value (column 34)"),
+    (b"[" * 100_000 + b"]" * 100_000, "invalid JSON: values nested too deeply to read"),
+    (b'{"n": ' + b"9" * 5000 + b"}", "invalid JSON: a number with more than 4300 digits"),
+    (b'{"model": "\xff"}', "invalid JSON: not valid UTF-8 at byte 11"),
+    (b'{"model": "\\ud800"}', "not valid Unicode: it holds an unpaired surrogate escape"),
+])
+def test_a_body_that_is_not_json_is_a_400_saying_why(body, message):
+    with pytest.raises(APIError) as caught:
+        decode_body(body)
+    assert caught.value.status == 400 and message in str(caught.value)
 
 @pytest.fixture(scope="module")
 def tiny_lm():
