@@ -107,6 +107,34 @@ def test_data_stage_on_s3_is_mirrored_checked_and_rebuilt(ray_start_4_cpus, s3_e
     assert load_split(storage.join(uri, "data", "train")) == train_from_s3
 
 
+def test_a_folder_shared_while_its_stage_builds_is_readable_on_s3_until_the_stage_lands(s3_endpoint, tmp_path,
+                                                                                       monkeypatch):
+    """What the experts stage does with each expert's data subset: Train workers on other nodes read it from storage."""
+    from gs_ray.config import load_config
+    from gs_ray.pipeline import RunDir, Stage, bring_up_to_date
+
+    monkeypatch.setenv("GS_RAY_CACHE", str(tmp_path))
+    uri = _run_uri()
+    seen = {}
+
+    def build(cfg, run, staging):
+        subset = staging / "expert-0" / "train"
+        subset.mkdir(parents=True)
+        (subset / "part-0.parquet").write_bytes(b"rows of expert 0")
+        seen["location"] = location = run.shared(subset)
+        seen["while_building"] = storage.file_sizes(location)
+        (staging / "experts.json").write_text("{}")
+        return {}
+
+    stage = Stage("experts_probe", (), (), build, lambda summary: "probe")
+    bring_up_to_date(load_config("tiny", [f"run.run_dir={uri}"]), RunDir(uri), stage)
+    assert seen["location"] == storage.join(uri, ".experts_probe.staging", "expert-0", "train")
+    assert seen["while_building"] == {"part-0.parquet": len(b"rows of expert 0")}
+    # Once the stage lands, its copy on storage holds the subset and the staging upload is gone.
+    assert storage.file_sizes(storage.join(uri, ".experts_probe.staging")) == {}
+    landed = storage.file_sizes(storage.join(uri, "experts_probe"))
+    assert landed["expert-0/train/part-0.parquet"] == len(b"rows of expert 0") and "manifest.json" in landed
+
 def test_submit_refuses_a_bad_config_before_reaching_a_cluster(capsys):
     # The address is never contacted: the typo is caught first.
     argv = ["submit", "run", "--address", "http://127.0.0.1:9", "--config", "tiny", "train.num_worker=2"]
