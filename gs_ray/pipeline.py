@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -374,15 +375,21 @@ RUN_LAST_STAGE = "router"
 EVALUATE_COMMAND = "evaluate"
 
 
+def _say(line: str) -> None:
+    """Print one progress line in a single write: stages built side by side (threads) must not splice lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def bring_up_to_date(cfg: Config, run: RunDir, stage: Stage, *, force: bool = False, label: str = "") -> dict[str, Any]:
     """The stage's manifest: the existing one if current (and not forced), else a fresh build; one line printed."""
     label = label or stage.name
     if run.is_current(cfg, stage) and not force:
-        print(f"[{label}] up to date ({run.stage_dir(stage.name)})", flush=True)
+        _say(f"[{label}] up to date ({run.stage_dir(stage.name)})")
         return run.manifest(stage.name)
-    print(f"[{label}] running ...", flush=True)
+    _say(f"[{label}] running ...")
     manifest = run.build(cfg, stage)
-    print(f"[{label}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}", flush=True)
+    _say(f"[{label}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}")
     return manifest
 
 
