@@ -6,7 +6,7 @@ Prints one JSON line per figure, then a summary line (`"figure": "summary"`) wit
 - cluster_cost_ratio: clustering seconds per sample (features + assign + cache + summaries,
   pickling of each (k, v) message, apply_summary: worker side plus actor side) divided by
   the seconds per sample of the production per-sample gradient path
-  (gs_ray.grads.PerSampleGradients on SmolLM2-135M, LoRA r=8 on q,v, d = 460,800).
+  (gs_ray.grads.PerSampleGradients on SmolLM2-135M with the demo preset's LoRA).
 - memory_growth_10x: peak traced memory (tracemalloc) while streaming 10N rows over
   streaming N rows; rows are generated batch by batch inside the loop. Target <= 1.1.
 - traffic_ratio: bytes sent to the central actor per sample (pickled (k, v) summaries)

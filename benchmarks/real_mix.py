@@ -13,8 +13,8 @@ Run from the repository root:
    task text and its test asserts -> instruction, reference code -> output; tasks with
    setup code are left out). Alpaca: instruction, instance input, instance output (175
    tasks, one instance each, so N >= 175 takes all that fit).
-2. Runs data -> warm-up -> Stage II with the demo preset (SmolLM2-135M-Instruct, LoRA r=8
-   on q,v) on a local Ray (3 logical CPUs, see RAY_CPUS), automatic K; then re-runs only Stage II with
+2. Runs data -> warm-up -> Stage II with the demo preset (SmolLM2-135M-Instruct and its LoRA)
+   on a local Ray (3 logical CPUs, see RAY_CPUS), automatic K; then re-runs only Stage II with
    cluster.k=3 (K = number of sources), reusing data and warm-up.
 3. With --evaluate, continues the automatic-K run through experts, router and
    `gs-ray evaluate` (every method and baseline; benchmarks/quality.py is the benchmark
