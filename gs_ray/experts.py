@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from gs_ray.config import Config, ExpertsConfig, config_from_dict
+from gs_ray.pipeline import say
 
 EXPERTS_FILE = "experts.json"
 
@@ -92,8 +93,8 @@ def _plan(cfg: Config, clusters: np.ndarray, centroids: np.ndarray) -> tuple[lis
     plan = [{"expert": e, "clusters": group, "train_samples": expert_sizes[e], "steps": steps[e]} for e, group in enumerate(members)]
     for k, expert in enumerate(expert_of_cluster):
         if k not in kept:
-            print(f"[experts] cluster {k} ({sizes[k]} samples < experts.min_cluster_size="
-                  f"{cfg.experts.min_cluster_size}) merged into expert {expert}", flush=True)
+            say(f"[experts] cluster {k} ({sizes[k]} samples < experts.min_cluster_size="
+                f"{cfg.experts.min_cluster_size}) merged into expert {expert}")
     return expert_of_cluster, plan
 
 

@@ -375,7 +375,7 @@ RUN_LAST_STAGE = "router"
 EVALUATE_COMMAND = "evaluate"
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """Print one progress line in a single write: stages built side by side (threads) must not splice lines."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -385,11 +385,11 @@ def bring_up_to_date(cfg: Config, run: RunDir, stage: Stage, *, force: bool = Fa
     """The stage's manifest: the existing one if current (and not forced), else a fresh build; one line printed."""
     label = label or stage.name
     if run.is_current(cfg, stage) and not force:
-        _say(f"[{label}] up to date ({run.stage_dir(stage.name)})")
+        say(f"[{label}] up to date ({run.stage_dir(stage.name)})")
         return run.manifest(stage.name)
-    _say(f"[{label}] running ...")
+    say(f"[{label}] running ...")
     manifest = run.build(cfg, stage)
-    _say(f"[{label}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}")
+    say(f"[{label}] done in {manifest['seconds']:.0f} s: {stage.describe(manifest['summary'])}")
     return manifest
 
 

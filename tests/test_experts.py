@@ -20,6 +20,17 @@ def test_small_clusters_merge_into_their_nearest_neighbour():
     assert merge_small_clusters([3, 5], centroids[:2], min_size=10) == ([0, 0], [1])
 
 
+
+def test_a_merged_cluster_is_announced_in_one_line(capsys):
+    from gs_ray.config import load_config
+    from gs_ray.experts import _plan
+
+    cfg = load_config("tiny", ["experts.min_cluster_size=3"])
+    expert_of_cluster, plan = _plan(cfg, np.array([0, 0, 0, 1]), np.eye(2, dtype=np.float32))
+    assert expert_of_cluster == [0, 0] and [entry["train_samples"] for entry in plan] == [4]
+    assert capsys.readouterr().out == ("[experts] cluster 1 (1 samples < experts.min_cluster_size=3) "
+                                       "merged into expert 0\n")
+
 def test_step_budgets():
     assert expert_steps([10, 30], ExpertsConfig(budget="fixed", max_steps=20)) == [20, 20]
     proportional = expert_steps([10, 30, 160], ExpertsConfig(budget="proportional", max_steps=20, min_steps=8))
