@@ -146,7 +146,7 @@ def answers_by_method(scorer: AdapterScorer, rows: list[dict], methods: dict[str
     Greedy decoding is a function of the prompt and the route, so methods that send a row the same way
     (routed and oracle wherever the router is right) share one answer instead of decoding it again.
     """
-    unique = list(dict.fromkeys((i, methods[method][i]) for method in methods for i in generate))
+    unique = list(dict.fromkeys((i, routes[i]) for routes in methods.values() for i in generate))
     texts = scorer.answers([rows[i] for i, _ in unique], [route for _, route in unique], max_new_tokens,
                            batch_size) if unique else []
     decoded = dict(zip(unique, texts))
