@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -50,6 +51,12 @@ CHECKPOINTS_KEPT = 2
 """Ray Train checkpoints kept on storage per run: the newest plus one fallback."""
 SHM_COMM_BUILDER = "ShareMemCommBuilder"
 """DeepSpeed's op builder for its CPU shared-memory all-reduce (see `skip_shm_comm_build`)."""
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's setting for how long a job's worker group waits for its resources before it times out and retries."""
+QUEUED_JOB_START_TIMEOUT_S = 3600
+"""Jobs launched side by side (the experts, the evaluation's baselines) queue for CPUs and GPUs that other jobs
+hold, often for minutes. Ray Train's default (60 s) made every queued job log a timeout traceback and retry each
+minute; a request the cluster can never satisfy still fails at once (Ray Train checks it before waiting)."""
 SUMMARY_KEYS = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "resumed_from_step")
 """The metrics of a run that a stage training one adapter (warm-up, the one-LoRA baseline) keeps in its manifest."""
 
@@ -331,6 +338,8 @@ def run_training(cfg: Config, job: TrainJob) -> TrainOutcome:
     num_rows = pyarrow.dataset.dataset(job.train_split, format="parquet").count_rows()
     require_one_batch(num_rows, cfg.train.num_workers, cfg.train.micro_batch_size)
     env_vars = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    # Ray Train reads this in the process that calls fit() and passes it to its controller; a user's value wins.
+    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(QUEUED_JOB_START_TIMEOUT_S))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "job": dataclasses.asdict(job)},

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from gs_ray.errors import DataError
 from gs_ray.pipeline import run_stages
-from gs_ray.train import TrainJob, learning_rate_factor, micro_batches, run_training
+from gs_ray.train import (QUEUED_JOB_START_TIMEOUT_S, WORKER_START_TIMEOUT_ENV, TrainJob, learning_rate_factor,
+                          micro_batches, run_training)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,31 @@ def test_cpu_training_skips_building_the_shm_comm_op():
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     done = subprocess.run([sys.executable, "-c", SHM_OP_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, str(QUEUED_JOB_START_TIMEOUT_S)), ("5", "5")])
+def test_a_queued_job_waits_for_resources_instead_of_timing_out_each_minute(
+        tiny_config, tiny_data, tmp_path, monkeypatch, user_value, expected):
+    """The timeout Ray Train would hand its controller when fit() runs: ours unless the user set one."""
+    import ray.train.torch
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    handed_over = {}
+
+    class RecordingTrainer(ray.train.torch.TorchTrainer):
+        def fit(self):
+            handed_over.update(get_env_vars_to_propagate())
+            raise _StopBeforeTraining
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
+    if user_value is None:
+        monkeypatch.delenv(WORKER_START_TIMEOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(WORKER_START_TIMEOUT_ENV, user_value)
+    with pytest.raises(_StopBeforeTraining):
+        run_training(tiny_config(), _job(tmp_path, tiny_data))
+    assert handed_over[WORKER_START_TIMEOUT_ENV] == expected
