@@ -314,7 +314,9 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 2)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still removes its scratch dir
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, logging_level="WARNING")
+    # With the dashboard: it serves the state API that Ray Train's placement-group cleaner polls,
+    # which otherwise logs a warning every few seconds.
+    ray.init(num_cpus=args.ray_cpus, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="gs-ray-bench-pipeline-"))
     try:

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     started_ray = not ray.is_initialized()
     if started_ray:
         resources = {} if cfg.train.use_gpu else {"num_cpus": LOCAL_RAY_CPUS}
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, **resources)
+        # With the dashboard: it serves the state API that Ray Train's placement-group cleaner polls,
+        # which otherwise logs a warning every few seconds.
+        ray.init(logging_level=logging.WARNING, **resources)
     try:
         started = time.time()
         manifests = run_evaluation(cfg)

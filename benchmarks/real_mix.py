@@ -212,7 +212,9 @@ def main() -> None:
           "lora_r": cfg.lora.r, "target_modules": list(cfg.lora.target_modules), "warmup_steps": cfg.warmup.max_steps,
           "cluster_center": cfg.cluster.center})
 
-    ray.init(num_cpus=RAY_CPUS if on_cpu else None, include_dashboard=False, logging_level=logging.WARNING)
+    # With the dashboard: it serves the state API that Ray Train's placement-group cleaner polls,
+    # which otherwise logs a warning every few seconds.
+    ray.init(num_cpus=RAY_CPUS if on_cpu else None, logging_level=logging.WARNING)
     try:
         started = time.time()
         manifests = run_stages(cfg, "cluster")
