@@ -20,7 +20,6 @@ def test_small_clusters_merge_into_their_nearest_neighbour():
     assert merge_small_clusters([3, 5], centroids[:2], min_size=10) == ([0, 0], [1])
 
 
-
 def test_a_merged_cluster_is_announced_in_one_line(capsys):
     from gs_ray.config import load_config
     from gs_ray.experts import _plan
@@ -30,6 +29,7 @@ def test_a_merged_cluster_is_announced_in_one_line(capsys):
     assert expert_of_cluster == [0, 0] and [entry["train_samples"] for entry in plan] == [4]
     assert capsys.readouterr().out == ("[experts] cluster 1 (1 samples < experts.min_cluster_size=3) "
                                        "merged into expert 0\n")
+
 
 def test_step_budgets():
     assert expert_steps([10, 30], ExpertsConfig(budget="fixed", max_steps=20)) == [20, 20]

@@ -135,6 +135,7 @@ def test_a_folder_shared_while_its_stage_builds_is_readable_on_s3_until_the_stag
     landed = storage.file_sizes(storage.join(uri, "experts_probe"))
     assert landed["expert-0/train/part-0.parquet"] == len(b"rows of expert 0") and "manifest.json" in landed
 
+
 def test_submit_refuses_a_bad_config_before_reaching_a_cluster(capsys):
     # The address is never contacted: the typo is caught first.
     argv = ["submit", "run", "--address", "http://127.0.0.1:9", "--config", "tiny", "train.num_worker=2"]

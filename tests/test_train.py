@@ -135,10 +135,10 @@ def test_a_queued_job_waits_for_resources_instead_of_timing_out_each_minute(
             raise _StopBeforeTraining
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", RecordingTrainer)
+    # setenv first in both cases: monkeypatch then restores the variable run_training sets, set before or not.
+    monkeypatch.setenv(WORKER_START_TIMEOUT_ENV, user_value or "")
     if user_value is None:
-        monkeypatch.delenv(WORKER_START_TIMEOUT_ENV, raising=False)
-    else:
-        monkeypatch.setenv(WORKER_START_TIMEOUT_ENV, user_value)
+        monkeypatch.delenv(WORKER_START_TIMEOUT_ENV)
     with pytest.raises(_StopBeforeTraining):
         run_training(tiny_config(), _job(tmp_path, tiny_data))
     assert handed_over[WORKER_START_TIMEOUT_ENV] == expected
