@@ -15,7 +15,8 @@ Run from the repository root:
    report/report.md with its PNGs. Finished stages are skipped on a re-run.
 3. Prints JSON lines (mix, config, stage seconds, one line per method, diagnostics) and a
    final {"summary": true, ...} line naming, per method, the mean held-out loss and the
-   exact match per source; writes the same summary to <run-dir>/quality.json.
+   exact match per source, and per source routed minus the one LoRA's loss with its 95%
+   interval and verdict; writes the same summary to <run-dir>/quality.json.
 
 --quick: a smoke run whose figures mean nothing: 40 rows per source, short generation
 (QUICK_OVERRIDES). With `--config tiny` (a random two-layer model) it finishes in about 5
@@ -109,6 +110,10 @@ def summary_line(evaluation: dict, manifests: dict, args: argparse.Namespace, se
         "variance_ratio_normalized": {name: round(found["variance_ratio_normalized"], 4)
                                       for name, found in clusterings.items()},
         "routed_loses_to": sorted({c["against"] for c in evaluation["comparisons"] if not c["routed_better"]}),
+        "routed_vs_single_lora": {c["source"]: {"difference": round(c["difference"], 4), "verdict": c["verdict"],
+                                                "interval": [round(end, 4) for end in c["interval"]]}
+                                  for c in evaluation["comparisons"]
+                                  if c["against"] == "single_lora" and c["metric"] == "loss"},
         "stage_seconds": {name: manifest["seconds"] for name, manifest in manifests.items()},
         "wall_seconds": round(seconds, 1), "report": str(Path(manifests["report"]["summary"]["report"])),
     }

@@ -163,13 +163,15 @@ def run_evaluation(cfg) -> dict:
     summary = manifests["evaluate"]["summary"]
     per_source = {method: {"loss": round(result["loss"], 4), **{s: round(v, 4) for s, v in result["per_source"].items()}}
                   for method, result in summary["methods"].items()}
-    beats = [c["source"] for c in summary["comparisons"]
-             if c["against"] == "single_lora" and c["metric"] == "loss" and c["routed_better"]]
+    against_single = [c for c in summary["comparisons"] if c["against"] == "single_lora" and c["metric"] == "loss"]
+    beats = [c["source"] for c in against_single if c["routed_better"]]
+    verdicts = {c["source"]: c["verdict"] for c in against_single}
     emit({"figure": "evaluation", "loss_per_token": per_source, "router_accuracy": summary["router_accuracy"],
           "router_holdout_accuracy": manifests["router"]["summary"]["accuracy"],
-          "routed_beats_single_lora_on": beats, "training_steps": summary["training_steps"]})
-    return {"routed_beats_single_lora_on": beats, "sources": summary["sources"],
-            "router_accuracy": summary["router_accuracy"], "loss_per_token": per_source}
+          "routed_beats_single_lora_on": beats, "verdict_against_single_lora": verdicts,
+          "training_steps": summary["training_steps"]})
+    return {"routed_beats_single_lora_on": beats, "verdict_against_single_lora": verdicts,
+            "sources": summary["sources"], "router_accuracy": summary["router_accuracy"], "loss_per_token": per_source}
 
 
 def main() -> None:

@@ -4,7 +4,9 @@
 one-LoRA baseline (its own stage) with the experts' total optimizer steps through the same
 loop. The evaluate stage (`gs-ray evaluate`) scores every held-out sample under each method (METHODS):
 loss per target token and, where the reference ends with `#### <number>`, exact match of
-a greedy answer, overall and per source label. The clustering diagnostics (agreement with
+a greedy answer, overall and per source label. Each comparison of routed GradientSpace with another
+method carries a paired bootstrap interval of the difference, so that a win by less than the held-out
+split can resolve reads as level rather than as a win. The clustering diagnostics (agreement with
 the labels, variance ratios, gradient vs embedding cosines) are `gs_ray.diagnostics`'.
 """
 
@@ -52,6 +54,12 @@ sample's own gradient cluster's expert (a perfect router)."""
 CLUSTERINGS = ("gradientspace", "embedding", "random_projection")
 EVALUATION_FILE = "evaluation.json"
 ANSWERS_FILE = "answers.jsonl"
+CONFIDENCE = 0.95
+"""Two-sided level of the interval on each comparison's difference."""
+BOOTSTRAP_RESAMPLES = 2000
+"""Resamples of a source's held-out rows behind each interval: enough that the interval's ends move by a few
+percent of its width between seeds; the cost is a resamples x rows integer matrix per comparison."""
+BOOTSTRAP_SEED = 0
 
 
 def experts_total_steps(experts: dict[str, Any]) -> int:
@@ -123,13 +131,18 @@ def _per_source(rows: list[dict], values: list[float], weights: list[float]) -> 
     return {key: value / weight for key, (value, weight) in sorted(totals.items()) if weight > 0}
 
 
-def method_metrics(rows: list[dict], scored: dict[str, Any], generate: list[int]) -> dict[str, Any]:
-    """Loss per target token and exact match, overall and per source, of one method."""
+def _correct(rows: list[dict], answers: dict[int, str], generate: list[int]) -> list[float]:
+    """1.0 or 0.0 per row in `generate`: whether the answer's number matches the reference's."""
     from gs_ray.exact_match import is_correct
 
+    return [float(is_correct(answers[i], rows[i]["response"])) for i in generate]
+
+
+def method_metrics(rows: list[dict], scored: dict[str, Any], generate: list[int]) -> dict[str, Any]:
+    """Loss per target token and exact match, overall and per source, of one method."""
     loss = _per_source(rows, scored["loss_sums"], scored["token_counts"])
     checked = [rows[i] for i in generate]
-    correct = [float(is_correct(scored["answers"][i], rows[i]["response"])) for i in generate]
+    correct = _correct(rows, scored["answers"], generate)
     exact = _per_source(checked, correct, [1.0] * len(checked))
     samples = Counter(row["label"] or "unlabelled" for row in checked)
     return {"loss": loss.pop("all"), "per_source": loss, "exact_match": exact.pop("all", None),
@@ -178,7 +191,7 @@ def evaluate_run(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
         "eval_samples": len(rows), "exact_match_samples": len(generate),
         "diagnostics": clustering_diagnostics(cfg, run, staging),
     }
-    summary["comparisons"] = comparisons(summary)
+    summary["comparisons"] = comparisons(summary, difference_intervals(rows, scored, generate))
     (staging / EVALUATION_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -194,21 +207,76 @@ def _write_answers(path: Path, rows: list[dict], scored: dict[str, Any], generat
                                       "answer": answer, "correct": is_correct(answer, rows[i]["response"])}) + "\n")
 
 
-def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Routed GradientSpace against every other method, per source and metric: who wins, by how much."""
+def paired_interval(ours: list[float], theirs: list[float], weights: list[float],
+                    seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """CONFIDENCE bootstrap interval of sum(ours - theirs) / sum(weights) over rows drawn with replacement.
+
+    ours and theirs are per-row sums (loss over a row's tokens, or 1.0 for a correct answer) of two methods on
+    the same rows, and weights the rows' shared denominators (target tokens, or 1.0). Both methods are
+    resampled together (paired): which rows are hard cancels, so the interval measures how the methods differ.
+    """
+    if not len(ours) == len(theirs) == len(weights) or len(weights) == 0:
+        raise ValueError(f"paired_interval needs equal, non-empty per-row lists: got {len(ours)}, {len(theirs)} "
+                         f"and {len(weights)} rows")
+    per_row = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    denominators = np.asarray(weights, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(per_row), size=(BOOTSTRAP_RESAMPLES, len(per_row)))
+    differences = per_row[picks].sum(axis=1) / denominators[picks].sum(axis=1)
+    tail = (1.0 - CONFIDENCE) / 2
+    low, high = np.quantile(differences, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def difference_intervals(rows: list[dict], scored: dict[str, Any],
+                         generate: list[int]) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """{(other method, source, metric): interval of routed minus other} for every method, source and metric."""
+    sources: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        sources.setdefault(row["label"] or "unlabelled", []).append(i)
+    correct = {method: dict(zip(generate, _correct(rows, found["answers"], generate)))
+               for method, found in scored.items()}
+    routed, intervals = scored["routed"], {}
+    for other in METHODS:
+        if other == "routed":
+            continue
+        for source, members in sources.items():
+            ours, theirs = ([found["loss_sums"][i] for i in members] for found in (routed, scored[other]))
+            tokens = [routed["token_counts"][i] for i in members]  # the same target tokens under every method
+            intervals[other, source, "loss"] = paired_interval(ours, theirs, tokens)
+            checked = [i for i in members if i in correct["routed"]]
+            if checked:
+                intervals[other, source, "exact_match"] = paired_interval(
+                    [correct["routed"][i] for i in checked], [correct[other][i] for i in checked], [1.0] * len(checked))
+    return intervals
+
+
+def _verdict(interval: tuple[float, float], lower_is_better: bool) -> str:
+    """better / worse when the whole interval of routed minus other lies on one side of zero, else level."""
+    low, high = interval if lower_is_better else (-interval[1], -interval[0])
+    return "better" if high < 0 else "worse" if low > 0 else "level"
+
+
+def comparisons(summary: dict[str, Any],
+                intervals: dict[tuple[str, str, str], tuple[float, float]]) -> list[dict[str, Any]]:
+    """Routed GradientSpace against every other method, per source and metric: who wins, by how much, how surely.
+
+    routed_better compares the point estimates; verdict says whether the interval of the difference
+    (routed minus other) clears zero, and is "level" where the held-out rows cannot tell the two apart.
+    """
     methods, found = summary["methods"], []
     routed = methods["routed"]
     for other in METHODS:
         if other == "routed":
             continue
         for source in summary["sources"]:
-            ours, theirs = routed["per_source"].get(source), methods[other]["per_source"].get(source)
-            if ours is not None and theirs is not None:
-                found.append({"against": other, "source": source, "metric": "loss", "routed": ours, "other": theirs,
-                              "routed_better": ours < theirs})
-            ours = routed["exact_match_per_source"].get(source)
-            theirs = methods[other]["exact_match_per_source"].get(source)
-            if ours is not None and theirs is not None:
-                found.append({"against": other, "source": source, "metric": "exact_match", "routed": ours,
-                              "other": theirs, "routed_better": ours > theirs})
+            for metric, key, lower_is_better in (("loss", "per_source", True),
+                                                 ("exact_match", "exact_match_per_source", False)):
+                ours, theirs = routed[key].get(source), methods[other][key].get(source)
+                if ours is None or theirs is None:
+                    continue
+                interval = intervals[other, source, metric]
+                found.append({"against": other, "source": source, "metric": metric, "routed": ours, "other": theirs,
+                              "routed_better": ours < theirs if lower_is_better else ours > theirs,
+                              "difference": ours - theirs, "interval": list(interval),
+                              "verdict": _verdict(interval, lower_is_better)})
     return found

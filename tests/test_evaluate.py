@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ import pytest
 
 from gs_ray.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
 from gs_ray.diagnostics import component_shares, cosine_pairs, nearest_neighbour_agreement, pair_summary
-from gs_ray.evaluate import METHODS, comparisons
+from gs_ray.evaluate import CONFIDENCE, METHODS, comparisons, paired_interval
 from gs_ray.exact_match import is_correct, predicted_answer, reference_answer
 from gs_ray.gradient_analysis import (BLOCK_GRAM_PREFIX, PROJECTION_BLOCK, block_grams, cosine_matrix, load_analysis,
                                      pca_2d, rademacher_project, variance_ratio)
@@ -98,6 +99,34 @@ def test_mixture_loss_is_the_mixed_distributions_loss():
     mixed = mixed_token_losses([first, second], (0.3, 0.7))
     assert np.allclose(mixed, -np.log(0.3 * np.exp(-first) + 0.7 * np.exp(-second)))
     assert np.all(mixed <= np.maximum(first, second)) and np.all(mixed >= np.minimum(first, second))
+
+
+def test_paired_interval_is_exact_for_a_constant_difference_and_pairing_cancels_shared_difficulty():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(20, 200, size=40).astype(float)
+    shared = rng.normal(2.0, 0.5, size=40) * tokens  # loss sums: rows differ far more than the methods do
+    low, high = paired_interval(shared - 0.01 * tokens, shared, tokens)
+    assert low == pytest.approx(-0.01) and high == pytest.approx(-0.01)
+    ours = shared - 0.01 * tokens + rng.normal(0.0, 0.002, size=40) * tokens
+    low, high = paired_interval(ours, shared, tokens)
+    assert -0.02 < low < high < 0.0  # resolved, though the per-row spread between rows is 50x the difference
+    low, high = paired_interval(shared, ours, tokens)  # and the mirror image
+    assert 0.0 < low < high < 0.02
+
+
+def test_paired_interval_has_the_normal_approximations_width_and_holds_zero_for_noise():
+    rng = np.random.default_rng(1)
+    differences = rng.normal(0.0, 1.0, size=400)
+    low, high = paired_interval(differences, np.zeros(400), np.ones(400))
+    mean, standard_error = differences.mean(), differences.std(ddof=1) / np.sqrt(400)
+    z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+    assert low == pytest.approx(mean - z * standard_error, abs=0.2 * standard_error)
+    assert high == pytest.approx(mean + z * standard_error, abs=0.2 * standard_error)
+    assert low < 0.0 < high
+    with pytest.raises(ValueError, match="equal, non-empty per-row lists: got 3, 2 and 3 rows"):
+        paired_interval([1.0, 2.0, 3.0], [1.0, 2.0], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="got 0, 0 and 0 rows"):
+        paired_interval([], [], [])
 
 
 class _RecordingScorer:
@@ -195,21 +224,31 @@ def _synthetic_evaluation() -> dict:
                                                    "gradient": pair, "embedding": pair},
                                   "source_structure": {"nearest_same_source": {"gradient": 0.9, "embedding": 0.8},
                                                        "chance": 0.5, "top_component_shares": [0.04, 0.03]}}}
-    return evaluation | {"comparisons": comparisons(evaluation)}
+    intervals = {(other, source, "loss"): (-0.15, -0.05) for other in METHODS for source in ("code", "math")}
+    intervals["single_lora", "code", "loss"] = (-0.2, 0.02)  # a better point estimate inside the noise
+    intervals |= {(other, "math", "exact_match"): (-0.4, -0.1) for other in METHODS}
+    return evaluation | {"comparisons": comparisons(evaluation, intervals)}
 
 
 def test_the_report_says_plainly_where_gradientspace_does_not_win(tiny_config):
     evaluation = _synthetic_evaluation()
+    verdicts = {(c["against"], c["source"], c["metric"]): c["verdict"] for c in evaluation["comparisons"]}
+    assert verdicts["base", "math", "loss"] == "better" and verdicts["single_lora", "code", "loss"] == "level"
+    assert verdicts["base", "math", "exact_match"] == "worse"  # higher is better there: the interval's sign flips
     lines = shortfalls(evaluation)
     assert sum("exact match" in line for line in lines) == len(METHODS) - 1  # lost on exact match to every method
-    assert not any("loss per token" in line for line in lines)               # ... and won every loss comparison
+    loss_lines = [line for line in lines if "loss per token" in line]      # ... and clearly won every loss
+    assert loss_lines == [                                                 # comparison but one, which is level
+        "- code, loss per token (lower is better): routed GradientSpace 1.0000 vs single_lora 1.1000 (level; routed "
+        "minus single_lora -0.1000, 95% interval [-0.2000, +0.0200]): GradientSpace does not clearly beat single_lora."]
     assert any("embedding clusters 0.4000" in line for line in lines)        # and on variance reduction
     text = render(tiny_config(), evaluation, ["spectrum"])
     for name in METHODS:
         assert f"| {name} |" in text
     assert "same source: 0.9000 by gradient cosine, 0.8000 by embedding cosine (chance 0.5000)" in text
     assert "principal components of the unit training gradients: 0.040, 0.030." in text
-    assert "0.2500 vs base 0.5000 (worse): GradientSpace does not beat base" in text and "![spectrum](spectrum.png)" in text
+    assert ("0.2500 vs base 0.5000 (worse; routed minus base -0.2500, 95% interval [-0.4000, -0.1000]): "
+            "GradientSpace does not clearly beat base") in text and "![spectrum](spectrum.png)" in text
 
 
 # ---------------------------------------------------------------- end to end, on the shared finished tiny run
@@ -255,6 +294,13 @@ def test_quality_quick_scores_every_method_and_writes_the_report(quality_quick):
     assert evaluation["methods"]["single_lora"]["loss"] == pytest.approx(baseline["eval_loss_end"], rel=1e-4)
     if evaluation["router_accuracy"]["gradientspace"] == 1.0:
         assert evaluation["methods"]["routed"]["loss"] == pytest.approx(evaluation["methods"]["oracle"]["loss"])
+        assert all(c["interval"] == [0.0, 0.0] and c["verdict"] == "level"
+                   for c in evaluation["comparisons"] if c["against"] == "oracle")
+    for found in evaluation["comparisons"]:
+        low, high = found["interval"]
+        better, worse = (high < 0, low > 0) if found["metric"] == "loss" else (low > 0, high < 0)
+        assert low <= high and found["verdict"] == ("better" if better else "worse" if worse else "level")
+    assert set(summary["routed_vs_single_lora"]) == set(evaluation["sources"])
 
     report = (run.stage_dir("report") / "report.md").read_text()
     for method in METHODS:
