@@ -120,31 +120,36 @@ def method_routes(rows: list[dict], routings: dict[str, dict[str, Any]]) -> dict
     return methods
 
 
+def _source(row: dict) -> str:
+    """The source a held-out row is reported under: its label, or "unlabelled"."""
+    return row["label"] or "unlabelled"
+
+
 def _per_source(rows: list[dict], values: list[float], weights: list[float]) -> dict[str, Any]:
     """Weighted mean of values overall ("all") and per source label."""
     totals: dict[str, list[float]] = {}
     for row, value, weight in zip(rows, values, weights):
-        for key in ("all", row["label"] or "unlabelled"):
+        for key in ("all", _source(row)):
             total = totals.setdefault(key, [0.0, 0.0])
             total[0] += value
             total[1] += weight
     return {key: value / weight for key, (value, weight) in sorted(totals.items()) if weight > 0}
 
 
-def _correct(rows: list[dict], answers: dict[int, str], generate: list[int]) -> list[float]:
-    """1.0 or 0.0 per row in `generate`: whether the answer's number matches the reference's."""
+def _correct(rows: list[dict], answers: dict[int, str]) -> dict[int, float]:
+    """{row index: 1.0 or 0.0} for every answered row: whether the answer's number matches the reference's."""
     from gs_ray.exact_match import is_correct
 
-    return [float(is_correct(answers[i], rows[i]["response"])) for i in generate]
+    return {i: float(is_correct(answer, rows[i]["response"])) for i, answer in answers.items()}
 
 
-def method_metrics(rows: list[dict], scored: dict[str, Any], generate: list[int]) -> dict[str, Any]:
-    """Loss per target token and exact match, overall and per source, of one method."""
+def method_metrics(rows: list[dict], scored: dict[str, Any], correct: dict[int, float],
+                   generate: list[int]) -> dict[str, Any]:
+    """Loss per target token and exact match (`correct`, of the rows in `generate`), overall and per source."""
     loss = _per_source(rows, scored["loss_sums"], scored["token_counts"])
     checked = [rows[i] for i in generate]
-    correct = _correct(rows, scored["answers"], generate)
-    exact = _per_source(checked, correct, [1.0] * len(checked))
-    samples = Counter(row["label"] or "unlabelled" for row in checked)
+    exact = _per_source(checked, [correct[i] for i in generate], [1.0] * len(checked))
+    samples = Counter(_source(row) for row in checked)
     return {"loss": loss.pop("all"), "per_source": loss, "exact_match": exact.pop("all", None),
             "exact_match_per_source": exact, "exact_match_samples": dict(sorted(samples.items()))}
 
@@ -179,32 +184,31 @@ def evaluate_run(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     resources = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else 0}
     scored = ray.get(ray.remote(score_methods).options(**resources).remote(
         cfg, adapters, rows, method_routes(rows, routings), generate))
-    _write_answers(staging / ANSWERS_FILE, rows, scored, generate)
-    methods = {method: method_metrics(rows, scored[method], generate) for method in METHODS}
+    correct = {method: _correct(rows, found["answers"]) for method, found in scored.items()}
+    _write_answers(staging / ANSWERS_FILE, rows, scored, correct, generate)
+    methods = {method: method_metrics(rows, scored[method], correct[method], generate) for method in METHODS}
     summary = {
         "methods": methods,
         "router_accuracy": {name: float(np.mean(np.asarray(found["picked"]) == np.asarray(found["own"])))
                             for name, found in routings.items()},
         "training_steps": {name: found["steps"] for name, found in routings.items()} | {"single_lora": single["step"]},
-        "sources": sorted({row["label"] or "unlabelled" for row in rows}),
+        "sources": sorted({_source(row) for row in rows}),
         "single_lora_eval_loss_end": single.get("eval_loss_end"),
         "eval_samples": len(rows), "exact_match_samples": len(generate),
         "diagnostics": clustering_diagnostics(cfg, run, staging),
     }
-    summary["comparisons"] = comparisons(summary, difference_intervals(rows, scored, generate))
+    summary["comparisons"] = comparisons(summary, difference_intervals(rows, scored, correct))
     (staging / EVALUATION_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _write_answers(path: Path, rows: list[dict], scored: dict[str, Any], generate: list[int]) -> None:
-    from gs_ray.exact_match import is_correct
-
+def _write_answers(path: Path, rows: list[dict], scored: dict[str, Any], correct: dict[str, dict[int, float]],
+                   generate: list[int]) -> None:
     with path.open("w", encoding="utf-8") as out:
         for method, found in scored.items():
             for i in generate:
-                answer = found["answers"][i]
                 out.write(json.dumps({"method": method, "sample_id": rows[i]["sample_id"], "label": rows[i]["label"],
-                                      "answer": answer, "correct": is_correct(answer, rows[i]["response"])}) + "\n")
+                                      "answer": found["answers"][i], "correct": bool(correct[method][i])}) + "\n")
 
 
 def paired_interval(ours: list[float], theirs: list[float], weights: list[float],
@@ -228,13 +232,11 @@ def paired_interval(ours: list[float], theirs: list[float], weights: list[float]
 
 
 def difference_intervals(rows: list[dict], scored: dict[str, Any],
-                         generate: list[int]) -> dict[tuple[str, str, str], tuple[float, float]]:
+                         correct: dict[str, dict[int, float]]) -> dict[tuple[str, str, str], tuple[float, float]]:
     """{(other method, source, metric): interval of routed minus other} for every method, source and metric."""
     sources: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
-        sources.setdefault(row["label"] or "unlabelled", []).append(i)
-    correct = {method: dict(zip(generate, _correct(rows, found["answers"], generate)))
-               for method, found in scored.items()}
+        sources.setdefault(_source(row), []).append(i)
     routed, intervals = scored["routed"], {}
     for other in METHODS:
         if other == "routed":
