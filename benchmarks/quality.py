@@ -3,11 +3,14 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/quality.py [--config demo|gpu|tiny|FILE] [--datasets ../shared/datasets]
-        [--mix real|builtin] [--run-dir DIR] [--per-source N] [--seed S] [--quick] [section.field=value ...]
+        [--mix real|builtin] [--run-dir DIR] [--per-source N] [--held-out-per-source M] [--seed S] [--quick]
+        [section.field=value ...]
 
 1. Builds the real mix (GSM8K + MBPP + Alpaca seed tasks, N rows per source, with
    benchmarks/real_mix.py's builder) into the run dir, or uses the package's built-in
-   mix (`--mix builtin`: GSM8K, MBPP, string tasks).
+   mix (`--mix builtin`: GSM8K, MBPP, string tasks). With --held-out-per-source M, also M rows
+   per source from outside the mix as held-out-only data (data.eval_paths): the same training,
+   more rows to score, so that each source's interval is narrower.
 2. Runs the pipeline (data, warm-up, Stage II, experts, router) and `gs-ray evaluate`:
    the analysis stage, the embedding and random-projection baselines (their own clusters,
    experts and router, same K and step budget), the one-LoRA baseline, every method on the
@@ -79,9 +82,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, default=None, help="default runs/quality (runs/quality-quick with --quick)")
     parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 150, 40 with --quick)")
     parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
+    parser.add_argument("--held-out-per-source", type=int, default=0,
+                        help="rows per source from outside the mix added to the eval split only (data.eval_paths): "
+                             "training is unchanged, the per-source intervals narrow (beside a 150-row mix the Alpaca "
+                             "seed tasks have 3 rows left)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small mix, short generation")
     parser.add_argument("overrides", nargs="*", help="config overrides section.field=value, applied last")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.held_out_per_source < 0:
+        parser.error(f"--held-out-per-source must be >= 0, got {args.held_out_per_source}")
+    if args.held_out_per_source and args.mix == "builtin":
+        parser.error("--held-out-per-source draws from --datasets' sources: it needs --mix real")
+    return args
 
 
 def data_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -93,7 +105,13 @@ def data_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     mix_path = real_mix.write_mix(run_dir, rows)
     emit({"figure": "mix", "per_source": per_source, "seed": args.seed, "path": str(mix_path),
           "rows": dict(Counter(row["domain"] for row in rows)), "total": len(rows)})
-    return [f"data.paths=[{mix_path}]", *SPLIT_OVERRIDES]
+    if not args.held_out_per_source:
+        return [f"data.paths=[{mix_path}]", *SPLIT_OVERRIDES]
+    held_out = real_mix.build_held_out(args.datasets, rows, args.held_out_per_source, args.seed)
+    held_out_path = real_mix.write_mix(run_dir, held_out, real_mix.HELD_OUT_FILE)
+    emit({"figure": "held_out", "per_source": args.held_out_per_source, "path": str(held_out_path),
+          "rows": dict(Counter(row["domain"] for row in held_out)), "total": len(held_out)})
+    return [f"data.paths=[{mix_path}]", f"data.eval_paths=[{held_out_path}]", *SPLIT_OVERRIDES]
 
 
 def summary_line(evaluation: dict, manifests: dict, args: argparse.Namespace, seconds: float) -> dict:
@@ -104,6 +122,7 @@ def summary_line(evaluation: dict, manifests: dict, args: argparse.Namespace, se
     clusterings = evaluation["diagnostics"]["clusterings"]
     return {
         "summary": True, "smoke_run": args.quick, "config": args.config, "mix": args.mix,
+        "held_out_per_source": args.held_out_per_source, "eval_samples": evaluation["eval_samples"],
         "methods": methods, "router_accuracy": evaluation["router_accuracy"],
         "nmi": {name: round(found["agreement"]["nmi"], 4) for name, found in clusterings.items()
                 if found.get("agreement")},

@@ -56,6 +56,9 @@ REAL_MIX_OVERRIDES = ("data.sample_fraction=1.0", "warmup.max_steps=40", "expert
 SPECTRUM_SHOWN = 12
 SOURCES = ("gsm8k", "mbpp", "alpaca")
 MIX_FILE = "real_mix.jsonl"
+HELD_OUT_FILE = "real_mix_held_out.jsonl"
+HELD_OUT_SEED_OFFSET = 10
+"""Added to the seed for the held-out draws (the mix's draws use seed + 0, 1, 2), so the two never share a stream."""
 GRAD_ACTOR_CPUS = 2
 """grads.num_cpus_per_actor: the gradient actor uses both cores (torch threads follow Ray's CPU count)."""
 RAY_CPUS = GRAD_ACTOR_CPUS + 1
@@ -76,14 +79,19 @@ def _builder():
     return module
 
 
-def alpaca_rows(path: Path, rng: random.Random, n: int, fits) -> list[dict]:
-    """Alpaca seed tasks: every instance as {instruction, input, output}; a seeded sample of n among those that fit."""
+def alpaca_usable(path: Path, fits) -> list[dict]:
+    """Alpaca seed tasks: every instance that fits, as {instruction, input, output}."""
     rows = []
     for task in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()):
         for instance in task["instances"]:
             rows.append({"instruction": task["instruction"], "input": instance["input"], "output": instance["output"],
                          "domain": "alpaca", "task": task["name"]})
-    usable = [row for row in rows if fits(row)]
+    return [row for row in rows if fits(row)]
+
+
+def alpaca_rows(path: Path, rng: random.Random, n: int, fits) -> list[dict]:
+    """A seeded sample of n Alpaca rows among those that fit (all of them if fewer)."""
+    usable = alpaca_usable(path, fits)
     return [usable[i] for i in sorted(rng.sample(range(len(usable)), min(n, len(usable))))]
 
 
@@ -100,16 +108,36 @@ def build_mix(datasets: Path, n: int, seed: int) -> list[dict]:
     rows += alpaca_rows(datasets / "alpaca_seed_tasks.jsonl", random.Random(seed + 2), n, builder.fits)
     prompts = [(row["instruction"], row["input"], row["output"]) for row in rows]
     if len(set(prompts)) != len(prompts):
-        raise ValueError("duplicate rows in the mix (they would share a content-hash sample id)")
+        raise ValueError("duplicate rows in the mix")
     return rows
 
 
-def write_mix(run_dir: Path, rows: list[dict]) -> Path:
-    """The mix as JSONL in the run dir; rewritten only when it changed (unchanged bytes keep the data stage current)."""
-    mix_path = run_dir / MIX_FILE
+def build_held_out(datasets: Path, mix: list[dict], n: int, seed: int) -> list[dict]:
+    """n rows per source that are not in `mix` (fewer where a source has no more), for data.eval_paths.
+
+    The mix itself is untouched, so a run with these held-out rows trains exactly as one without them.
+    """
+    builder = _builder()
+    pools = {"gsm8k": builder.gsm8k_usable(datasets / "gsm8k_train.jsonl"),
+             "mbpp": builder.mbpp_usable(datasets / "mbpp_train.jsonl"),
+             "alpaca": alpaca_usable(datasets / "alpaca_seed_tasks.jsonl", builder.fits)}
+    in_mix = {(row["instruction"], row["input"], row["output"]) for row in mix}
+    rows = []
+    for rng_offset, (domain, pool) in enumerate(pools.items(), start=HELD_OUT_SEED_OFFSET):
+        left = [row for row in pool if (row["instruction"], row["input"], row["output"]) not in in_mix]
+        chosen = sorted(random.Random(seed + rng_offset).sample(range(len(left)), min(n, len(left))))
+        rows += [left[i] | {"domain": domain} for i in chosen]
+    if len({(row["instruction"], row["input"], row["output"]) for row in rows}) != len(rows):
+        raise ValueError("duplicate rows among the held-out rows (they would share a content-hash sample id)")
+    return rows
+
+
+def write_mix(run_dir: Path, rows: list[dict], name: str = MIX_FILE) -> Path:
+    """Rows as JSONL in the run dir; rewritten only when they changed (unchanged bytes keep the data stage current)."""
+    mix_path = run_dir / name
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if not mix_path.is_file() or mix_path.read_text(encoding="utf-8") != text:
-        tmp = mix_path.with_name(f".{MIX_FILE}.tmp-{os.getpid()}")
+        tmp = mix_path.with_name(f".{name}.tmp-{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, mix_path)
     return mix_path

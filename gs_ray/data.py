@@ -151,10 +151,10 @@ def split_of(sample_id: str, cfg: DataConfig, seed: int) -> str:
     return "train"
 
 
-def _file_infos(paths: list[str]) -> list[tuple[str, pafs.FileInfo]]:
-    """Every data file named by `paths` (folders searched recursively) as (path or URI, info)."""
+def _file_infos(paths: list[str], key: str) -> list[tuple[str, pafs.FileInfo]]:
+    """Every data file named by `paths` (folders searched recursively) as (path or URI, info); `key` names them in errors."""
     found: dict[str, pafs.FileInfo] = {}
-    for given in paths or [BUILTIN_MIX]:
+    for given in paths:
         uri = given if "://" in given else os.path.abspath(os.path.expanduser(given))
         scheme = uri.split("://")[0] + "://" if "://" in given else ""
         try:
@@ -164,15 +164,15 @@ def _file_infos(paths: list[str]) -> list[tuple[str, pafs.FileInfo]]:
                 selector = pafs.FileSelector(root, recursive=True)
                 listed = sorted((i for i in fs.get_file_info(selector) if _is_data_file(i, root)), key=lambda i: i.path)
                 if not listed:
-                    raise DataError(f"data.paths: folder {given} holds no {', '.join(schemas.DATA_SUFFIXES)} files")
+                    raise DataError(f"{key}: folder {given} holds no {', '.join(schemas.DATA_SUFFIXES)} files")
                 found.update((scheme + i.path, i) for i in listed)
                 continue
         except (OSError, pa.ArrowException) as exc:
-            raise DataError(f"data.paths: cannot access {given}: {exc}") from None
+            raise DataError(f"{key}: cannot access {given}: {exc}") from None
         if info.type == pafs.FileType.NotFound:
-            raise DataError(f"data.paths: no such file or directory: {given}")
+            raise DataError(f"{key}: no such file or directory: {given}")
         if not info.path.lower().endswith(schemas.DATA_SUFFIXES):
-            raise DataError(f"data.paths: {given} is not a {', '.join(schemas.DATA_SUFFIXES)} file")
+            raise DataError(f"{key}: {given} is not a {', '.join(schemas.DATA_SUFFIXES)} file")
         found[scheme + info.path] = info
     return list(found.items())
 
@@ -184,14 +184,27 @@ def _is_data_file(info: pafs.FileInfo, root: str) -> bool:
     return info.type == pafs.FileType.File and not hidden and info.path.lower().endswith(schemas.DATA_SUFFIXES)
 
 
-def resolve_files(cfg: DataConfig) -> list[str]:
-    """The data files to read (the built-in mix when cfg.paths is empty); DataError if any is missing."""
-    return [path for path, _ in _file_infos(cfg.paths)]
+def _input_files(cfg: DataConfig) -> tuple[list[tuple[str, pafs.FileInfo]], list[tuple[str, pafs.FileInfo]]]:
+    """(files to split, held-out files) as (path or URI, info); DataError if one is missing or named by both."""
+    training = _file_infos(cfg.paths or [BUILTIN_MIX], "data.paths")
+    held_out = _file_infos(cfg.eval_paths, "data.eval_paths")
+    both = sorted({path for path, _ in held_out} & {path for path, _ in training})
+    if both:
+        raise DataError(f"data.eval_paths: {', '.join(both)} is in data.paths too; a held-out file must not be trained on")
+    return training, held_out
+
+
+def resolve_files(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(the files to split: the built-in mix when cfg.paths is empty, data.eval_paths' files: every row is eval)."""
+    training, held_out = _input_files(cfg)
+    return [path for path, _ in training], [path for path, _ in held_out]
 
 
 def input_fingerprint(cfg: DataConfig) -> list[dict]:
     """Path, size and modification time of every input file: the data stage reruns when one changes."""
-    return [{"path": path, "size": info.size, "mtime_ns": info.mtime_ns} for path, info in _file_infos(cfg.paths)]
+    training, held_out = _input_files(cfg)
+    found = [{"path": path, "size": info.size, "mtime_ns": info.mtime_ns} for path, info in training]
+    return found + [{"path": path, "size": info.size, "mtime_ns": info.mtime_ns, "split": "eval"} for path, info in held_out]
 
 
 # ---------------------------------------------------------------- reading
@@ -203,8 +216,8 @@ def _bad_row(source: str, reason: str, fatal: bool = False) -> dict:
     return {"sample_id": "", "source": source, "messages": "", "response": "", "label": "", "split": "", "error": reason, "fatal": fatal}
 
 
-def _parse_file(row: dict, cfg: DataConfig, seed: int) -> list[dict]:
-    """flat_map body: one file's bytes -> one normalized (or bad) row per sample."""
+def _parse_file(row: dict, cfg: DataConfig, seed: int, held_out: bool = False) -> list[dict]:
+    """flat_map body: one file's bytes -> one normalized (or bad) row per sample; held_out puts every row in eval."""
     path, out = row["path"], []
     try:
         for source, record, problem in schemas.iter_records(path, row["bytes"], cfg.schema):
@@ -219,7 +232,8 @@ def _parse_file(row: dict, cfg: DataConfig, seed: int) -> list[dict]:
             out.append({
                 "sample_id": sample["sample_id"], "source": source,
                 "messages": json.dumps(sample["messages"], ensure_ascii=False), "response": sample["response"],
-                "label": sample["label"], "split": split_of(sample["sample_id"], cfg, seed), "error": "", "fatal": False,
+                "label": sample["label"], "split": "eval" if held_out else split_of(sample["sample_id"], cfg, seed),
+                "error": "", "fatal": False,
             })
     except schemas.FileError as exc:
         return [_bad_row(path, str(exc), fatal=True)]
@@ -284,12 +298,20 @@ def _good_rows(drop: list[str]) -> Expr:
     return ok & col("source").not_in(drop) if drop else ok
 
 
+def _parsed(files: list[str], cfg: DataConfig, seed: int, held_out: bool) -> ray.data.Dataset:
+    return ray.data.read_binary_files(files, include_paths=True).flat_map(
+        functools.partial(_parse_file, cfg=cfg, seed=seed, held_out=held_out))
+
+
 def _read_checked(cfg: DataConfig, seed: int) -> tuple[ray.data.Dataset, list[tuple[str, str]], list[str]]:
     """Normalized good rows, the (source, reason) of every bad row skipped, and the files read; raises per policy."""
-    files = resolve_files(cfg)
-    parsed = ray.data.read_binary_files(files, include_paths=True).flat_map(
-        functools.partial(_parse_file, cfg=cfg, seed=seed)
-    ).materialize()
+    files, held_out_files = resolve_files(cfg)
+    parsed = _parsed(files, cfg, seed, held_out=False)
+    if held_out_files:
+        # One dataset, so that a held-out sample repeated in a training file is caught as a duplicate.
+        parsed = parsed.union(_parsed(held_out_files, cfg, seed, held_out=True))
+    parsed = parsed.materialize()
+    files += held_out_files
     checks = _fetch(parsed, _CHECK_COLUMNS)
     errors = checks.filter(pc.not_equal(checks["error"], "")).to_pylist()
     fatal = [(r["source"], r["error"]) for r in errors if r["fatal"]]

@@ -75,6 +75,9 @@ class DataConfig:
 
     paths: list[str] = field(default_factory=list)
     """JSONL or Parquet files or directories, local or pyarrow URIs (s3://, gs://). Empty: the built-in mix."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out files, read like `paths`: every row goes to the eval split, whole (no sample_fraction), so it is
+    only ever scored, never trained on or clustered. They add to the eval_fraction share of `paths`."""
     schema: str = "auto"
     """Row schema: alpaca (instruction/input/output), chat (messages), prompt_completion, or auto-detect per row."""
     id_column: str = ""
@@ -103,8 +106,10 @@ class DataConfig:
         _check_choice(self.on_bad_row, ("error", "skip"), "data.on_bad_row")
         _check(self.max_seq_len >= 8, "data.max_seq_len", f"must be >= 8, got {self.max_seq_len}")
         _check(0 < self.sample_fraction <= 1, "data.sample_fraction", f"must be in (0, 1], got {self.sample_fraction}")
-        for name in ("warmup_fraction", "val_fraction", "eval_fraction"):
+        for name in ("warmup_fraction", "val_fraction"):
             _check_fraction(getattr(self, name), f"data.{name}", allow_zero=False)
+        # With held-out files the eval split need not take a share of `paths`.
+        _check_fraction(self.eval_fraction, "data.eval_fraction", allow_zero=bool(self.eval_paths))
         held_out = self.warmup_fraction + self.val_fraction + self.eval_fraction
         _check(held_out < 1, "data.*_fraction", f"warmup + val + eval must leave a train split, sum is {held_out:.3f}")
 

@@ -53,17 +53,25 @@ def fits(row: dict) -> bool:
     return len(TOKEN_PIECE.findall(row["instruction"] + row["input"] + row["output"])) <= MAX_ESTIMATED_TOKENS
 
 
-def gsm8k_rows(path: Path, rng: random.Random) -> list[dict]:
-    """GSM8K: the question is the instruction; the answer without calculator annotations is the output."""
-    source = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [{"instruction": item["question"], "input": "", "output": ANNOTATION.sub("", item["answer"]), "domain": "math"}
-            for item in source]
-    usable = [row for row in rows if fits(row)]
+def _sample(usable: list[dict], rng: random.Random) -> list[dict]:
+    """ROWS_PER_DOMAIN of the usable rows, in file order."""
     return [usable[i] for i in sorted(rng.sample(range(len(usable)), ROWS_PER_DOMAIN))]
 
 
-def mbpp_rows(path: Path, rng: random.Random) -> list[dict]:
-    """MBPP: task text plus its asserts is the instruction, the reference code the output."""
+def gsm8k_usable(path: Path) -> list[dict]:
+    """GSM8K rows that fit: the question is the instruction; the answer without calculator annotations is the output."""
+    source = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [{"instruction": item["question"], "input": "", "output": ANNOTATION.sub("", item["answer"]), "domain": "math"}
+            for item in source]
+    return [row for row in rows if fits(row)]
+
+
+def gsm8k_rows(path: Path, rng: random.Random) -> list[dict]:
+    return _sample(gsm8k_usable(path), rng)
+
+
+def mbpp_usable(path: Path) -> list[dict]:
+    """MBPP rows that fit: task text plus its asserts is the instruction, the reference code the output."""
     source = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = []
     for task in source:
@@ -73,8 +81,11 @@ def mbpp_rows(path: Path, rng: random.Random) -> list[dict]:
         instruction = f"{task['text']}\nYour code should pass these tests:\n" + "\n".join(t.rstrip() for t in task["test_list"])
         code = task["code"].replace("\r\n", "\n").rstrip()
         rows.append({"instruction": instruction, "input": "", "output": code, "domain": "code", "task_id": task["task_id"]})
-    usable = [row for row in rows if fits(row)]
-    return [usable[i] for i in sorted(rng.sample(range(len(usable)), ROWS_PER_DOMAIN))]
+    return [row for row in rows if fits(row)]
+
+
+def mbpp_rows(path: Path, rng: random.Random) -> list[dict]:
+    return _sample(mbpp_usable(path), rng)
 
 
 def _words(rng: random.Random) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -226,11 +227,58 @@ def test_folders_are_searched_recursively(tmp_path):
     (tmp_path / "sub" / ".hidden").mkdir(parents=True)
     for name in ("b.jsonl", "sub/a.parquet", "sub/.hidden/c.jsonl", "_SUCCESS", "notes.txt"):
         (tmp_path / name).write_text("{}")
-    assert data.resolve_files(DataConfig(paths=[str(tmp_path)])) == [str(tmp_path / "b.jsonl"), str(tmp_path / "sub/a.parquet")]
-    assert data.resolve_files(DataConfig()) == [data.BUILTIN_MIX]
+    assert data.resolve_files(DataConfig(paths=[str(tmp_path)])) == (
+        [str(tmp_path / "b.jsonl"), str(tmp_path / "sub/a.parquet")], [])
+    assert data.resolve_files(DataConfig()) == ([data.BUILTIN_MIX], [])
     before = data.input_fingerprint(DataConfig(paths=[str(tmp_path)]))
     (tmp_path / "b.jsonl").write_text('{"a": 1}')
     assert data.input_fingerprint(DataConfig(paths=[str(tmp_path)])) != before
+
+
+def test_held_out_paths_are_checked_and_fingerprinted(tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text('{"instruction": "Say a.", "output": "a"}\n')
+    with pytest.raises(DataError, match=f"data.eval_paths: no such file or directory: {tmp_path}/missing.jsonl"):
+        data.resolve_files(DataConfig(eval_paths=[str(tmp_path / "missing.jsonl")]))
+    with pytest.raises(DataError, match=f"data.eval_paths: {held_out} is in data.paths too"):
+        data.resolve_files(DataConfig(paths=[str(tmp_path)], eval_paths=[str(held_out)]))
+    cfg = DataConfig(eval_paths=[str(held_out)])
+    assert data.resolve_files(cfg) == ([data.BUILTIN_MIX], [str(held_out)])
+    before = data.input_fingerprint(cfg)
+    assert before[-1]["path"] == str(held_out) and before[-1]["split"] == "eval"
+    assert data.input_fingerprint(DataConfig()) == before[:-1]  # runs without held-out files keep their fingerprint
+    held_out.write_text('{"instruction": "Say b.", "output": "b"}\n')
+    assert data.input_fingerprint(cfg) != before
+
+
+def test_eval_fraction_may_be_zero_only_with_held_out_files():
+    with pytest.raises(ConfigError, match=r"data.eval_fraction: must be in \(0, 1\), got 0"):
+        DataConfig(eval_fraction=0.0)
+    assert DataConfig(eval_fraction=0.0, eval_paths=["held_out.jsonl"]).eval_fraction == 0.0
+
+
+def test_held_out_rows_all_go_to_eval(ray_start_4_cpus, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": str(n)}) + "\n" for n in range(40)))
+    cfg = DataConfig(paths=[str(GOOD / "mixed.jsonl")], eval_paths=[str(held_out)], sample_fraction=0.5)
+    rows = data.read_samples(cfg, seed=0).take_all()
+    from_held_out = [r for r in rows if r["source"].startswith(str(held_out))]
+    assert len(from_held_out) == 40 and {r["split"] for r in from_held_out} == {"eval"}  # whole: no sample_fraction
+    assert all(r["split"] == data.split_of(r["sample_id"], cfg, 0) for r in rows if r not in from_held_out)
+
+
+def test_a_held_out_row_repeated_in_training_data_is_a_duplicate(ray_start_4_cpus, tmp_path):
+    held_out, training = tmp_path / "held_out.jsonl", tmp_path / "training.jsonl"
+    held_out.write_text(json.dumps({"instruction": "Say a.", "output": "a"}) + "\n")
+    training.write_text("".join(json.dumps({"instruction": f"Say {c}.", "output": c}) + "\n" for c in "ba"))
+    same = schemas.content_id([{"role": "user", "content": "Say a."}], "a")
+    message = f"{_where(training, 2)}: duplicate sample_id '{same}', first at {_where(held_out, 1)}"
+    with pytest.raises(DataError, match=re.escape(message)):
+        data.read_samples(DataConfig(paths=[str(training)], eval_paths=[str(held_out)]), seed=0)
+    ds, bad, files = data._read_checked(DataConfig(paths=[str(training)], eval_paths=[str(held_out)],
+                                                   on_bad_row="skip"), seed=0)
+    assert data._examples(bad) == [message] and files == [str(training), str(held_out)]
+    assert {r["response"]: r["split"] for r in ds.take_all() if r["response"] == "a"} == {"a": "eval"}
 
 
 def test_skip_drops_bad_rows_and_reports_them(ray_start_4_cpus, caplog):
@@ -284,6 +332,27 @@ def test_builtin_mix_matches_its_build_script(tmp_path):
     assert shipped == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     assert all("<<" not in r["output"] for r in rows if r["domain"] == "math")
     assert all(r["output"].splitlines()[-1].startswith("#### ") for r in rows if r["domain"] == "math")
+
+
+@pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="needs ../shared/datasets")
+def test_real_mix_held_out_rows_lie_outside_the_mix():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import real_mix
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    mix = real_mix.build_mix(SHARED_DATASETS, 40, seed=5)
+    held_out = real_mix.build_held_out(SHARED_DATASETS, mix, 30, seed=5)
+    assert held_out == real_mix.build_held_out(SHARED_DATASETS, mix, 30, seed=5)
+    counts = {source: sum(row["domain"] == source for row in held_out) for source in real_mix.SOURCES}
+    assert counts == {"gsm8k": 30, "mbpp": 30, "alpaca": 30}
+    content = {(row["instruction"], row["input"], row["output"]) for row in mix}
+    assert not content & {(row["instruction"], row["input"], row["output"]) for row in held_out}
+    assert real_mix.build_mix(SHARED_DATASETS, 40, seed=5) == mix  # drawing held-out rows leaves the mix as it was
+    # A source with fewer rows left than asked gives what it has: the Alpaca seed tasks' instances are few.
+    everything = real_mix.build_held_out(SHARED_DATASETS, mix, 10_000, seed=5)
+    left = len(real_mix.alpaca_usable(SHARED_DATASETS / "alpaca_seed_tasks.jsonl", real_mix._builder().fits)) - 40
+    assert sum(row["domain"] == "alpaca" for row in everything) == left
 
 
 @pytest.fixture(scope="module")
