@@ -29,6 +29,7 @@ from typing import Any
 from gs_ray import storage
 from gs_ray.config import Config, TrainConfig
 from gs_ray.errors import ConfigError, ModelError
+from gs_ray.inputs import input_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ class RunDir:
             upstream = self.manifest(name)
             inputs[name] = upstream["digest"] if upstream else None
         if stage.name == "data":
-            from gs_ray.data import input_fingerprint
-
             inputs["files"] = input_fingerprint(cfg.data)
         return inputs
 

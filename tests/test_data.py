@@ -21,7 +21,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from gs_ray import data, schemas
+from gs_ray import data, inputs, schemas
 from gs_ray.config import Config, DataConfig, ModelConfig, RunConfig
 from gs_ray.errors import ConfigError, DataError
 
@@ -220,35 +220,35 @@ def test_pad_batch_shapes_and_masks():
 
 def test_paths_are_checked_before_reading(tmp_path):
     with pytest.raises(DataError, match=f"no such file or directory: {tmp_path}/missing.jsonl"):
-        data.resolve_files(DataConfig(paths=[str(tmp_path / "missing.jsonl")]))
+        inputs.resolve_files(DataConfig(paths=[str(tmp_path / "missing.jsonl")]))
 
 
 def test_folders_are_searched_recursively(tmp_path):
     (tmp_path / "sub" / ".hidden").mkdir(parents=True)
     for name in ("b.jsonl", "sub/a.parquet", "sub/.hidden/c.jsonl", "_SUCCESS", "notes.txt"):
         (tmp_path / name).write_text("{}")
-    assert data.resolve_files(DataConfig(paths=[str(tmp_path)])) == (
+    assert inputs.resolve_files(DataConfig(paths=[str(tmp_path)])) == (
         [str(tmp_path / "b.jsonl"), str(tmp_path / "sub/a.parquet")], [])
-    assert data.resolve_files(DataConfig()) == ([data.BUILTIN_MIX], [])
-    before = data.input_fingerprint(DataConfig(paths=[str(tmp_path)]))
+    assert inputs.resolve_files(DataConfig()) == ([inputs.BUILTIN_MIX], [])
+    before = inputs.input_fingerprint(DataConfig(paths=[str(tmp_path)]))
     (tmp_path / "b.jsonl").write_text('{"a": 1}')
-    assert data.input_fingerprint(DataConfig(paths=[str(tmp_path)])) != before
+    assert inputs.input_fingerprint(DataConfig(paths=[str(tmp_path)])) != before
 
 
 def test_held_out_paths_are_checked_and_fingerprinted(tmp_path):
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text('{"instruction": "Say a.", "output": "a"}\n')
     with pytest.raises(DataError, match=f"data.eval_paths: no such file or directory: {tmp_path}/missing.jsonl"):
-        data.resolve_files(DataConfig(eval_paths=[str(tmp_path / "missing.jsonl")]))
+        inputs.resolve_files(DataConfig(eval_paths=[str(tmp_path / "missing.jsonl")]))
     with pytest.raises(DataError, match=f"data.eval_paths: {held_out} is in data.paths too"):
-        data.resolve_files(DataConfig(paths=[str(tmp_path)], eval_paths=[str(held_out)]))
+        inputs.resolve_files(DataConfig(paths=[str(tmp_path)], eval_paths=[str(held_out)]))
     cfg = DataConfig(eval_paths=[str(held_out)])
-    assert data.resolve_files(cfg) == ([data.BUILTIN_MIX], [str(held_out)])
-    before = data.input_fingerprint(cfg)
+    assert inputs.resolve_files(cfg) == ([inputs.BUILTIN_MIX], [str(held_out)])
+    before = inputs.input_fingerprint(cfg)
     assert before[-1]["path"] == str(held_out) and before[-1]["split"] == "eval"
-    assert data.input_fingerprint(DataConfig()) == before[:-1]  # runs without held-out files keep their fingerprint
+    assert inputs.input_fingerprint(DataConfig()) == before[:-1]  # runs without held-out files keep their fingerprint
     held_out.write_text('{"instruction": "Say b.", "output": "b"}\n')
-    assert data.input_fingerprint(cfg) != before
+    assert inputs.input_fingerprint(cfg) != before
 
 
 def test_eval_fraction_may_be_zero_only_with_held_out_files():
@@ -328,7 +328,7 @@ def test_builtin_mix_matches_its_build_script(tmp_path):
     finally:
         sys.path.remove(str(REPO / "scripts"))
     rows = build_builtin_mix.build(SHARED_DATASETS)
-    shipped = Path(data.BUILTIN_MIX).read_text(encoding="utf-8")
+    shipped = Path(inputs.BUILTIN_MIX).read_text(encoding="utf-8")
     assert shipped == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     assert all("<<" not in r["output"] for r in rows if r["domain"] == "math")
     assert all(r["output"].splitlines()[-1].startswith("#### ") for r in rows if r["domain"] == "math")
@@ -358,11 +358,10 @@ def test_real_mix_held_out_rows_lie_outside_the_mix():
 @pytest.fixture(scope="module")
 def prepared(ray_start_4_cpus, tokenizer_dir, tmp_path_factory):
     """prepare_data over the built-in mix plus one over-long sample, skipping bad rows."""
-    inputs = tmp_path_factory.mktemp("inputs")
-    long_file = inputs / "long.jsonl"
+    long_file = tmp_path_factory.mktemp("inputs") / "long.jsonl"
     long_file.write_text(json.dumps({"instruction": "Ramble.", "output": "z" * LONG_MAX_SEQ_LEN * 2, "domain": "x"}) + "\n")
     cfg = Config(model=ModelConfig(name=tokenizer_dir), run=RunConfig(seed=1),
-                 data=DataConfig(paths=[data.BUILTIN_MIX, str(long_file)], max_seq_len=LONG_MAX_SEQ_LEN, on_bad_row="skip"))
+                 data=DataConfig(paths=[inputs.BUILTIN_MIX, str(long_file)], max_seq_len=LONG_MAX_SEQ_LEN, on_bad_row="skip"))
     out = tmp_path_factory.mktemp("prepared")
     return cfg, out, long_file, data.prepare_data(cfg, str(out))
 
