@@ -245,15 +245,17 @@ def _parsed(files: list[str], cfg: DataConfig, seed: int, held_out: bool) -> ray
         functools.partial(_parse_file, cfg=cfg, seed=seed, held_out=held_out))
 
 
-def _read_checked(cfg: DataConfig, seed: int) -> tuple[ray.data.Dataset, list[tuple[str, str]], list[str]]:
-    """Normalized good rows, the (source, reason) of every bad row skipped, and the files read; raises per policy."""
+def _read_checked(cfg: DataConfig, seed: int) -> tuple[ray.data.Dataset, list[tuple[str, str]], tuple[list[str], list[str]]]:
+    """Normalized good rows, the (source, reason) of every bad row skipped, and the files read (to split, held out).
+
+    Raises per data.on_bad_row.
+    """
     files, held_out_files = resolve_files(cfg)
     parsed = _parsed(files, cfg, seed, held_out=False)
     if held_out_files:
         # One dataset, so that a held-out sample repeated in a training file is caught as a duplicate.
         parsed = parsed.union(_parsed(held_out_files, cfg, seed, held_out=True))
     parsed = parsed.materialize()
-    files += held_out_files
     checks = _fetch(parsed, _CHECK_COLUMNS)
     errors = checks.filter(pc.not_equal(checks["error"], "")).to_pylist()
     fatal = [(r["source"], r["error"]) for r in errors if r["fatal"]]
@@ -261,9 +263,9 @@ def _read_checked(cfg: DataConfig, seed: int) -> tuple[ray.data.Dataset, list[tu
     bad = [(r["source"], r["error"]) for r in errors if not r["fatal"]] + duplicates
     _enforce(bad, fatal, cfg)
     if len(bad) == len(checks):
-        raise DataError(f"no usable samples in {', '.join(files)}: all {len(bad)} rows are bad, first:\n{_examples_text(bad)}")
+        raise DataError(f"no usable samples in {', '.join(files + held_out_files)}: all {len(bad)} rows are bad, first:\n{_examples_text(bad)}")
     good = parsed.filter(expr=_good_rows([source for source, _ in duplicates])) if bad else parsed
-    return good.select_columns(list(NORMALIZED_COLUMNS)), bad, files
+    return good.select_columns(list(NORMALIZED_COLUMNS)), bad, (files, held_out_files)
 
 
 def read_samples(cfg: DataConfig, seed: int) -> ray.data.Dataset:
@@ -314,14 +316,17 @@ def _token_stats(values: np.ndarray) -> dict[str, float]:
     return stats
 
 
-def _summary(stats: pa.Table, files: list[str], bad: list[tuple[str, str]]) -> dict:
+def _summary(stats: pa.Table, files: tuple[list[str], list[str]], bad: list[tuple[str, str]]) -> dict:
     rows = stats.to_pydict()
     labels: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     for split, label in zip(rows["split"], rows["label"]):
         labels[split][label] = labels[split].get(label, 0) + 1
+    training, held_out = files
+    held_out_files = {path.split("://", 1)[-1] for path in held_out}  # sources name files as read: no URI scheme
     return {
-        "files": len(files),  # the manifest's input fingerprint lists them
+        "files": len(training) + len(held_out),  # the manifest's input fingerprint lists them
         "rows": {split: sum(labels[split].values()) for split in SPLITS},
+        "held_out_rows": sum(_location_key(source)[0] in held_out_files for source in rows["source"]),
         "labels": {split: dict(sorted(counts.items())) for split, counts in labels.items()},
         "bad_rows": {"count": len(bad), "examples": _examples(bad)},
         "tokens": {
@@ -335,8 +340,9 @@ def _summary(stats: pa.Table, files: list[str], bad: list[tuple[str, str]]) -> d
 def prepare_data(cfg: Config, out_dir: str) -> dict:
     """Read, validate, tokenize and split; write out_dir/<split>/ Parquet; return a summary.
 
-    The summary holds the number of input files, rows per split and per label per split, bad rows
-    (count and first examples as `<file>:<line>: <reason>`) and token statistics.
+    The summary holds the number of input files, rows per split and per label per split, the eval rows that
+    came from data.eval_paths, bad rows (count and first examples as `<file>:<line>: <reason>`) and token
+    statistics.
     """
     samples, bad, files = _read_checked(cfg.data, cfg.run.seed)
     left_out = 0

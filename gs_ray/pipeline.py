@@ -268,6 +268,8 @@ def _build_data(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
 
 def _describe_data(summary: dict[str, Any]) -> str:
     splits = ", ".join(f"{name} {count}" for name, count in summary["rows"].items())
+    if summary.get("held_out_rows"):
+        splits += f" ({summary['held_out_rows']} of them from data.eval_paths)"
     skipped = summary.get("bad_rows", {}).get("count", 0)
     return f"samples: {splits}" + (f"; {skipped} bad rows skipped" if skipped else "")
 

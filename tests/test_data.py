@@ -277,7 +277,7 @@ def test_a_held_out_row_repeated_in_training_data_is_a_duplicate(ray_start_4_cpu
         data.read_samples(DataConfig(paths=[str(training)], eval_paths=[str(held_out)]), seed=0)
     ds, bad, files = data._read_checked(DataConfig(paths=[str(training)], eval_paths=[str(held_out)],
                                                    on_bad_row="skip"), seed=0)
-    assert data._examples(bad) == [message] and files == [str(training), str(held_out)]
+    assert data._examples(bad) == [message] and files == ([str(training)], [str(held_out)])
     assert {r["response"]: r["split"] for r in ds.take_all() if r["response"] == "a"} == {"a": "eval"}
 
 
@@ -392,3 +392,16 @@ def test_prepare_data_counts_what_sample_fraction_leaves_out(ray_start_4_cpus, t
     assert kept + summary["left_out_by_sample_fraction"] == 900
     assert 0.25 < kept / 900 < 0.35
     assert len(data.load_split(str(tmp_path / "train"))) == summary["rows"]["train"]
+
+
+def test_prepare_data_with_held_out_files_alone_in_eval(ray_start_4_cpus, tokenizer_dir, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": str(n), "domain": "count"}) + "\n"
+                                for n in range(12)))
+    cfg = Config(model=ModelConfig(name=tokenizer_dir), data=DataConfig(
+        eval_paths=[f"file://{held_out}"], eval_fraction=0.0, max_seq_len=LONG_MAX_SEQ_LEN, overlong="truncate"))
+    summary = data.prepare_data(cfg, str(tmp_path / "out"))
+    assert summary["rows"]["eval"] == summary["held_out_rows"] == 12 and summary["files"] == 2
+    assert summary["labels"]["eval"] == {"count": 12}
+    assert sum(summary["rows"].values()) == 900 + 12
+    assert sorted(r["response"] for r in data.load_split(str(tmp_path / "out" / "eval"))) == sorted(map(str, range(12)))
