@@ -95,7 +95,8 @@ class DataConfig:
     val_fraction: float = 0.05
     """Share of samples in the validation split (choosing K, initial centroids)."""
     eval_fraction: float = 0.05
-    """Share of samples held out for evaluation; never trained on. The rest is the train split."""
+    """Share of samples held out for evaluation; never trained on. The rest is the train split. May be 0 when
+    eval_paths holds the held-out rows."""
     sample_fraction: float = 1.0
     """Share of the valid samples used at all, drawn by a seeded hash of each id (the rest are counted, not read
     further): below 1 for a quick run on a large corpus. The split shares apply to the samples kept."""
