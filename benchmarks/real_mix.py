@@ -108,7 +108,7 @@ def build_mix(datasets: Path, n: int, seed: int) -> list[dict]:
     rows += alpaca_rows(datasets / "alpaca_seed_tasks.jsonl", random.Random(seed + 2), n, builder.fits)
     prompts = [(row["instruction"], row["input"], row["output"]) for row in rows]
     if len(set(prompts)) != len(prompts):
-        raise ValueError("duplicate rows in the mix")
+        raise ValueError("duplicate rows in the mix (they would share a content-hash sample id)")
     return rows
 
 

@@ -30,9 +30,9 @@ import ray
 from ray.data.expressions import Expr, col
 
 from gs_ray import schemas, storage
-from gs_ray.inputs import resolve_files
 from gs_ray.config import Config, DataConfig, ModelConfig
 from gs_ray.errors import DataError
+from gs_ray.inputs import resolve_files
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +158,7 @@ def _bad_row(source: str, reason: str, fatal: bool = False) -> dict:
     return {"sample_id": "", "source": source, "messages": "", "response": "", "label": "", "split": "", "error": reason, "fatal": fatal}
 
 
-def _parse_file(row: dict, cfg: DataConfig, seed: int, held_out: bool = False) -> list[dict]:
+def _parse_file(row: dict, cfg: DataConfig, seed: int, held_out: bool) -> list[dict]:
     """flat_map body: one file's bytes -> one normalized (or bad) row per sample; held_out puts every row in eval."""
     path, out = row["path"], []
     try:
@@ -263,7 +263,8 @@ def _read_checked(cfg: DataConfig, seed: int) -> tuple[ray.data.Dataset, list[tu
     bad = [(r["source"], r["error"]) for r in errors if not r["fatal"]] + duplicates
     _enforce(bad, fatal, cfg)
     if len(bad) == len(checks):
-        raise DataError(f"no usable samples in {', '.join(files + held_out_files)}: all {len(bad)} rows are bad, first:\n{_examples_text(bad)}")
+        raise DataError(f"no usable samples in {', '.join(files + held_out_files)}: all {len(bad)} rows are bad, "
+                        f"first:\n{_examples_text(bad)}")
     good = parsed.filter(expr=_good_rows([source for source, _ in duplicates])) if bad else parsed
     return good.select_columns(list(NORMALIZED_COLUMNS)), bad, (files, held_out_files)
 
