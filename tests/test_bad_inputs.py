@@ -179,3 +179,14 @@ def test_the_executable_refuses_a_bad_config(tmp_path):
     path = BAD / "config_typo_key.yaml"
     err = _refused_by_the_executable(["data", "--config", str(path), "--run-dir", str(tmp_path / "run")])
     _check_refusal(err, CONFIG_CASES[path.name].format(path=path))
+
+
+def test_held_out_files_are_checked_like_the_training_files(ray_start_4_cpus, tmp_path, capsys):
+    training, bad = tmp_path / "training.jsonl", (BAD / "invalid_json.jsonl").resolve()
+    training.write_text(FIRST + "\n")
+    err = _refused_in_process(_data_argv([training], tmp_path / "run", [f"data.eval_paths={json.dumps([str(bad)])}"]),
+                              capsys)
+    _check_refusal(err, f"{bad}:2: invalid JSON: Expecting value")
+    err = _refused_in_process(
+        _data_argv([training], tmp_path / "run", [f"data.eval_paths={json.dumps([str(training)])}"]), capsys)
+    _check_refusal(err, f"data.eval_paths: {training} is in data.paths too; a held-out file must not be trained on")
