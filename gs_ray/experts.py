@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,12 @@ def merge_small_clusters(sizes: list[int], centroids: np.ndarray, min_size: int)
     return [kept.index(k) if k in kept else int(np.argmax(similarity[k])) for k in range(len(sizes))], kept
 
 
-def expert_steps(sizes: list[int], cfg: ExpertsConfig) -> list[int]:
-    """Optimizer steps per expert: fixed, or a share of E * max_steps proportional to size."""
+def expert_steps(sizes: list[int], cfg: ExpertsConfig, samples_per_step: int) -> list[int]:
+    """Optimizer steps per expert: fixed, a share of E * max_steps proportional to size, or `epochs` passes."""
     if cfg.budget == "fixed":
         return [cfg.max_steps] * len(sizes)
+    if cfg.budget == "epochs":
+        return [max(cfg.min_steps, math.ceil(cfg.epochs * size / samples_per_step)) for size in sizes]
     total = cfg.max_steps * len(sizes)
     floor = min(cfg.min_steps, cfg.max_steps)
     return [max(floor, round(total * size / sum(sizes))) for size in sizes]
@@ -89,7 +92,8 @@ def _plan(cfg: Config, clusters: np.ndarray, centroids: np.ndarray) -> tuple[lis
     expert_of_cluster, kept = merge_small_clusters(sizes, centroids, cfg.experts.min_cluster_size)
     members = [[k for k, e in enumerate(expert_of_cluster) if e == expert] for expert in range(len(kept))]
     expert_sizes = [sum(sizes[k] for k in group) for group in members]
-    steps = expert_steps(expert_sizes, cfg.experts)
+    train = _expert_config(cfg).train
+    steps = expert_steps(expert_sizes, cfg.experts, train.micro_batch_size * train.grad_accum_steps * train.num_workers)
     plan = [{"expert": e, "clusters": group, "train_samples": expert_sizes[e], "steps": steps[e]} for e, group in enumerate(members)]
     for k, expert in enumerate(expert_of_cluster):
         if k not in kept:

@@ -238,11 +238,15 @@ class ExpertsConfig:
     min_cluster_size: int = 16
     """Clusters with fewer training samples are merged into the nearest cluster (by centroid cosine)."""
     budget: str = "proportional"
-    """`fixed`: every expert trains max_steps; `proportional`: the experts share K * max_steps by cluster size."""
+    """`fixed`: every expert trains max_steps; `proportional`: the experts share K * max_steps by cluster size;
+    `epochs`: every expert makes `epochs` passes over its own samples."""
     max_steps: int = 200
-    """Optimizer steps per expert (the mean per expert under `proportional`)."""
+    """Optimizer steps per expert (the mean per expert under `proportional`; unused under `epochs`)."""
     min_steps: int = 10
-    """Fewest steps any expert gets under `proportional` (capped at max_steps)."""
+    """Fewest steps any expert gets under `proportional` (capped at max_steps) and `epochs`."""
+    epochs: float = 0.0
+    """Passes over its cluster's training samples per expert under budget=epochs; a pass is the samples over
+    train.micro_batch_size x train.grad_accum_steps x the expert's workers, rounded up."""
     learning_rate: float = 2e-4
     """Peak AdamW learning rate of every expert."""
     num_workers: int = 0
@@ -252,7 +256,9 @@ class ExpertsConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.init, ("warmup", "scratch"), "experts.init")
-        _check_choice(self.budget, ("fixed", "proportional"), "experts.budget")
+        _check_choice(self.budget, ("fixed", "proportional", "epochs"), "experts.budget")
+        _check(self.epochs >= 0, "experts.epochs", f"must be >= 0, got {self.epochs}")
+        _check(self.budget != "epochs" or self.epochs > 0, "experts.epochs", "must be > 0 with experts.budget=epochs")
         _check(self.min_cluster_size >= 1, "experts.min_cluster_size", "must be >= 1")
         _check(self.max_steps >= 1 and self.min_steps >= 1, "experts.max_steps", "max_steps and min_steps must be >= 1")
         _check(self.learning_rate > 0, "experts.learning_rate", "must be > 0")

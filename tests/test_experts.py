@@ -4,7 +4,10 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+
 from gs_ray.config import ExpertsConfig
+from gs_ray.errors import ConfigError
 from gs_ray.experts import expert_steps, merge_small_clusters
 from gs_ray.pipeline import RunDir
 from gs_ray.train import samples_digest
@@ -32,9 +35,20 @@ def test_a_merged_cluster_is_announced_in_one_line(capsys):
 
 
 def test_step_budgets():
-    assert expert_steps([10, 30], ExpertsConfig(budget="fixed", max_steps=20)) == [20, 20]
-    proportional = expert_steps([10, 30, 160], ExpertsConfig(budget="proportional", max_steps=20, min_steps=8))
+    assert expert_steps([10, 30], ExpertsConfig(budget="fixed", max_steps=20), samples_per_step=4) == [20, 20]
+    proportional = expert_steps([10, 30, 160], ExpertsConfig(budget="proportional", max_steps=20, min_steps=8),
+                                samples_per_step=4)
     assert proportional == [8, 9, 48]  # shares of 60 total steps, with the floor applied
+    # Two passes at 8 samples a step: 100 samples need 25 steps, 30 need 7.5 (rounded up), 10 get the floor.
+    epochs = expert_steps([100, 30, 10], ExpertsConfig(budget="epochs", epochs=2.0, min_steps=5), samples_per_step=8)
+    assert epochs == [25, 8, 5]
+
+
+def test_an_epochs_budget_needs_a_number_of_passes():
+    with pytest.raises(ConfigError, match="experts.epochs: must be > 0 with experts.budget=epochs"):
+        ExpertsConfig(budget="epochs")
+    with pytest.raises(ConfigError, match="experts.budget: must be one of fixed, proportional, epochs, got 'passes'"):
+        ExpertsConfig(budget="passes")
 
 
 def test_two_experts_train_at_the_same_time_on_their_own_clusters(tiny_finished_run):
