@@ -251,6 +251,19 @@ def test_the_report_says_plainly_where_gradientspace_does_not_win(tiny_config):
             "GradientSpace does not clearly beat base") in text and "![spectrum](spectrum.png)" in text
 
 
+def test_quality_summary_counts_a_tie_as_no_loss():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    evaluation = _synthetic_evaluation()
+    evaluation["methods"]["base"]["exact_match_per_source"]["math"] = 0.25  # routed's own exact match
+    intervals = {(c["against"], c["source"], c["metric"]): tuple(c["interval"]) for c in evaluation["comparisons"]}
+    # Routed wins every loss and is behind every method but base on exact match, where it ties with base.
+    assert quality.routed_loses_to(comparisons(evaluation, intervals)) == sorted(set(METHODS) - {"routed", "base"})
+
+
 # ---------------------------------------------------------------- end to end, on the shared finished tiny run
 
 
