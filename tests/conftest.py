@@ -1,6 +1,8 @@
 """Shared fixtures: offline HF, one local Ray cluster per test session, tiny configs."""
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,11 +10,22 @@ import pytest
 # Set before anything imports transformers or starts Ray, so workers inherit them.
 os.environ["HF_HUB_OFFLINE"] = "1"  # a download attempt in a test is a bug
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parent.parent
 # Converted models (the SmolLM2 GGUF, the tiny model) persist between local runs.
-os.environ.setdefault("GS_RAY_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
+os.environ.setdefault("GS_RAY_CACHE", str(REPO / ".cache" / "test-models"))
 
 RAY_TEST_CPUS = 4
 """Logical CPUs of the test cluster: two Train workers plus Ray Data tasks on 2 cores."""
+
+
+def import_from(folder: str, module: str):
+    """A module of the repository's scripts/ or benchmarks/ folder: plain scripts, not a package."""
+    path = str(REPO / folder)
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(path)
 
 
 def _has_cuda() -> bool:

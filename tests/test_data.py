@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +20,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import import_from
 from gs_ray import data, inputs, schemas
 from gs_ray.config import Config, DataConfig, ModelConfig, RunConfig
 from gs_ray.errors import ConfigError, DataError
@@ -322,11 +322,7 @@ def test_builtin_mix_has_three_domains(ray_start_4_cpus):
 
 @pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="needs ../shared/datasets")
 def test_builtin_mix_matches_its_build_script(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import build_builtin_mix
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    build_builtin_mix = import_from("scripts", "build_builtin_mix")
     rows = build_builtin_mix.build(SHARED_DATASETS)
     shipped = Path(inputs.BUILTIN_MIX).read_text(encoding="utf-8")
     assert shipped == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -336,11 +332,7 @@ def test_builtin_mix_matches_its_build_script(tmp_path):
 
 @pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="needs ../shared/datasets")
 def test_real_mix_held_out_rows_lie_outside_the_mix():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import real_mix
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    real_mix = import_from("benchmarks", "real_mix")
     mix = real_mix.build_mix(SHARED_DATASETS, 40, seed=5)
     held_out = real_mix.build_held_out(SHARED_DATASETS, mix, 30, seed=5)
     assert held_out == real_mix.build_held_out(SHARED_DATASETS, mix, 30, seed=5)

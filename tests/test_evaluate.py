@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import import_from
 from gs_ray.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
 from gs_ray.diagnostics import component_shares, cosine_pairs, nearest_neighbour_agreement, pair_summary
 from gs_ray.evaluate import CONFIDENCE, METHODS, comparisons, paired_interval
@@ -252,11 +253,7 @@ def test_the_report_says_plainly_where_gradientspace_does_not_win(tiny_config):
 
 
 def test_quality_summary_counts_a_tie_as_no_loss():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    quality = import_from("benchmarks", "quality")
     evaluation = _synthetic_evaluation()
     evaluation["methods"]["base"]["exact_match_per_source"]["math"] = 0.25  # routed's own exact match
     intervals = {(c["against"], c["source"], c["metric"]): tuple(c["interval"]) for c in evaluation["comparisons"]}
@@ -272,8 +269,7 @@ def quality_quick(tiny_finished_run):
     """benchmarks/quality.py --quick on the finished tiny run (the built-in mix, its config): the evaluation stages."""
     from conftest import FINISHED_RUN_OVERRIDES
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import quality
+    quality = import_from("benchmarks", "quality")
 
     cfg, manifests = tiny_finished_run
     argv = ["--quick", "--config", "tiny", "--mix", "builtin", "--run-dir", cfg.run.run_dir, *FINISHED_RUN_OVERRIDES]
