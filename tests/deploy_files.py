@@ -16,7 +16,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO as ROOT
+
 CLUSTER_DIR = ROOT / "cluster_configs"
 DOCKERFILE = ROOT / "Dockerfile"
 CONFIG_FILES = sorted(p for p in CLUSTER_DIR.iterdir() if p.is_file())

@@ -20,7 +20,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import import_from
+from conftest import REPO, import_from
 from gs_ray import data, inputs, schemas
 from gs_ray.config import Config, DataConfig, ModelConfig, RunConfig
 from gs_ray.errors import ConfigError, DataError
@@ -28,7 +28,6 @@ from gs_ray.errors import ConfigError, DataError
 DATA = Path(__file__).parent / "data"
 BAD = DATA / "bad"
 GOOD = DATA / "good"
-REPO = Path(__file__).parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

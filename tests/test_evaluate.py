@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import import_from
+from conftest import REPO, import_from
 from gs_ray.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
 from gs_ray.diagnostics import component_shares, cosine_pairs, nearest_neighbour_agreement, pair_summary
 from gs_ray.evaluate import CONFIDENCE, METHODS, comparisons, paired_interval
@@ -22,7 +22,6 @@ from gs_ray.pipeline import RunDir
 from gs_ray.report_markdown import render, shortfalls
 from gs_ray.scoring import Route, answers_by_method, mixed_token_losses
 
-ROOT = Path(__file__).resolve().parent.parent
 QUALITY_TIMEOUT_S = 1800
 """The first test to use quality_quick may also build the shared finished tiny run: on 2 busy cores that
 plus every evaluation stage took over the suite's default 900 s."""
@@ -339,7 +338,7 @@ def test_analysis_keeps_one_gram_matrix_per_gradient_block(quality_quick):
 def test_cluster_options_replays_on_chosen_gradient_blocks(quality_quick):
     cfg, _, _, _ = quality_quick
     samples = len(load_analysis(RunDir(cfg.run.run_dir).stage_dir("analysis"))[1]["sample_id"])
-    command = [sys.executable, str(ROOT / "benchmarks" / "cluster_options.py"), "--run-dir", cfg.run.run_dir,
+    command = [sys.executable, str(REPO / "benchmarks" / "cluster_options.py"), "--run-dir", cfg.run.run_dir,
                "--quick", "--k", "2", "--val-samples", str(samples // 2)]
     done = subprocess.run([*command, "--blocks", "lora_B"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

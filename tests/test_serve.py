@@ -25,6 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import REPO
 from gs_ray.openai_api import APIError, decode_body, resolve_model
 
 API_KEY = "test-key-123"
@@ -32,7 +33,6 @@ MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 384, 32
 """The served app's limits, small so that the 4xx cases are cheap to provoke."""
 ROUTER_CANDIDATES = 16
 """Prompts per expert tried when looking for one the router sends to that expert."""
-REPO = Path(__file__).resolve().parent.parent
 SERVE_OVERRIDES = [f"serve.max_prompt_tokens={MAX_PROMPT_TOKENS}", f"serve.max_tokens_limit={MAX_TOKENS_LIMIT}",
                    "serve.default_max_tokens=8", "serve.router_num_cpus=0.5"]
 
