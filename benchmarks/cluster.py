@@ -21,20 +21,18 @@ import argparse
 import json
 import os
 import pickle
-import sys
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
+from gs_ray.config import ClusterConfig
+from gs_ray.gradientspace.cluster import ClusterCaches, OnlineSVDClusterer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
-
-from gs_ray.cluster import ClusterCaches, OnlineSVDClusterer  # noqa: E402
-from gs_ray.config import ClusterConfig  # noqa: E402
 
 K, CACHE_SIZE, BATCH = 8, 32, 8
 """Clusters, cache capacity C and rows per streamed batch (the gradient actor's batch size)."""
@@ -94,12 +92,11 @@ def stream_batch(clusterer: OnlineSVDClusterer, caches: ClusterCaches, grads: np
 def gradient_seconds_per_sample(batches: int) -> dict:
     """Seconds per sample of PerSampleGradients on the demo model (SmolLM2-135M), after one untimed batch."""
     import torch
-
     from grads import random_batches  # benchmarks/grads.py, beside this script
 
     from gs_ray.config import load_config
-    from gs_ray.grads import PerSampleGradients
-    from gs_ray.models import attach_lora, load_base_model
+    from gs_ray.gradientspace.grads import PerSampleGradients
+    from gs_ray.modeling.models import attach_lora, load_base_model
 
     cfg = load_config("demo")
     model = attach_lora(load_base_model(cfg.model), cfg.lora)

@@ -39,15 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from gs_ray.baselines import spherical_kmeans  # noqa: E402
-from gs_ray.cluster import OnlineSVDClusterer, spectrum_from_gram  # noqa: E402
-from gs_ray.diagnostics import nearest_neighbour_agreement  # noqa: E402
-from gs_ray.config import load_config  # noqa: E402
-from gs_ray.evaluate import label_agreement  # noqa: E402
-from gs_ray.gradient_analysis import BLOCK_GRAM_PREFIX, cosine_matrix, load_analysis  # noqa: E402
+from gs_ray.config import load_config
+from gs_ray.evaluation.analysis import BLOCK_GRAM_PREFIX, cosine_matrix, load_analysis
+from gs_ray.evaluation.baselines import spherical_kmeans
+from gs_ray.evaluation.diagnostics import nearest_neighbour_agreement
+from gs_ray.gradientspace.cluster import OnlineSVDClusterer, spectrum_from_gram
+from gs_ray.gradientspace.metrics import label_agreement
 
 
 def unit_gradient_rows(gram: np.ndarray) -> np.ndarray:

@@ -24,9 +24,9 @@ import time
 import torch
 
 from gs_ray.config import load_config
-from gs_ray.data import IGNORE_INDEX, pad_batch
-from gs_ray.grads import PerSampleGradients, batched_backward, reference_gradients
-from gs_ray.models import attach_lora, load_base_model, lora_parameters
+from gs_ray.data.batches import IGNORE_INDEX, pad_batch
+from gs_ray.gradientspace.grads import PerSampleGradients, batched_backward, reference_gradients
+from gs_ray.modeling.models import attach_lora, load_base_model, lora_parameters
 
 PRESET_OF_MODEL = {"smollm2-135m": "demo", "tiny-random": "tiny"}
 PROMPT_TOKENS = (24, 96)

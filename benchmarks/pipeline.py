@@ -54,23 +54,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from gs_ray.config import load_config
+from gs_ray.core.rundir import RunDir
+from gs_ray.data.batches import load_split, pad_batch
+from gs_ray.gradientspace import stream as gradient_stream
+from gs_ray.gradientspace.actor import ClusterActor
+from gs_ray.gradientspace.cluster import ClusterCaches, OnlineSVDClusterer, nearest_centroids
+from gs_ray.stages.pipeline import run_stages
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-# Set before Ray starts, so its workers inherit them.
+# Set before Ray starts, so its workers inherit them (the driver itself only loads local model folders).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import ray  # noqa: E402
-
-from gs_ray import gradient_stream  # noqa: E402
-from gs_ray.cluster import ClusterActor, ClusterCaches, OnlineSVDClusterer, nearest_centroids  # noqa: E402
-from gs_ray.config import load_config  # noqa: E402
-from gs_ray.data import load_split, pad_batch  # noqa: E402
-from gs_ray.pipeline import RunDir, run_stages  # noqa: E402
 
 RAY_CPUS = 3
 """Logical CPUs of the local cluster (2 physical cores): the gradient actor holds 2 (so torch takes 2
@@ -172,8 +173,8 @@ def _rows_in_stream_order(split: str, batch_size: int) -> list[dict]:
 def time_plain(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
     import torch
 
-    from gs_ray.grads import PerSampleGradients
-    from gs_ray.models import load_adapter, load_base_model, load_tokenizer
+    from gs_ray.gradientspace.grads import PerSampleGradients
+    from gs_ray.modeling.models import load_adapter, load_base_model, load_tokenizer
 
     torch.set_num_threads(TORCH_THREADS)
     started = time.perf_counter()
@@ -274,14 +275,14 @@ def time_trivial(cfg, data_dir: Path) -> dict:
 def _probe(model_cfg: dict, adapter_dir: str) -> dict:
     """In a fresh worker: what GradientWorker's process imports and loads before its first batch."""
     started = time.perf_counter()
-    import gs_ray.gradient_stream  # noqa: F401  (the actor class's module: ray.data, sklearn, pyarrow)
+    import gs_ray.gradientspace.stream  # noqa: F401  (the actor class's module: ray.data, sklearn, pyarrow)
 
     module_imported = time.perf_counter()
     import torch
 
     from gs_ray.config import config_from_dict
-    from gs_ray.grads import PerSampleGradients  # noqa: F401
-    from gs_ray.models import load_adapter, load_base_model, load_tokenizer
+    from gs_ray.gradientspace.grads import PerSampleGradients  # noqa: F401
+    from gs_ray.modeling.models import load_adapter, load_base_model, load_tokenizer
 
     imported = time.perf_counter()
     cfg = config_from_dict(model_cfg)

@@ -7,10 +7,11 @@ Run from the repository root:
         [section.field=value ...]
 
 1. Builds the real mix (GSM8K + MBPP + Alpaca seed tasks, N rows per source, with
-   benchmarks/real_mix.py's builder) into the run dir, or uses the package's built-in
-   mix (`--mix builtin`: GSM8K, MBPP, string tasks). With --held-out-per-source M, also M rows
-   per source from outside the mix as held-out-only data (data.eval_paths): the same training,
-   more rows to score, so that each source's interval is narrower.
+   `gs_ray.data.mixes.build_mix`, as benchmarks/real_mix.py does) into the run dir, or uses
+   the package's built-in mix (`--mix builtin`: GSM8K, MBPP, string tasks). With
+   --held-out-per-source M, also M rows per source from outside the mix as held-out-only data
+   (data.eval_paths): the same training, more rows to score, so that each source's interval
+   is narrower.
 2. Runs the pipeline (data, warm-up, Stage II, experts, router) and `gs-ray evaluate`:
    the analysis stage, the embedding and random-projection baselines (their own clusters,
    experts and router, same K and step budget), the one-LoRA baseline, every method on the
@@ -41,20 +42,22 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import ray
+
+from gs_ray.config import load_config
+from gs_ray.data.mixes import HELD_OUT_FILE, SEED, build_held_out, build_mix, write_mix
+from gs_ray.evaluation.evaluate import routed_loses_to
+from gs_ray.evaluation.stages import run_evaluation
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# Set before Ray starts, so its workers inherit them (the driver itself only loads local model folders).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
 
-import real_mix  # noqa: E402  (the mix builder, shared with the Stage II benchmark)
-
-SEED = real_mix.SEED
 PER_SOURCE = {"quick": 40, "full": 150}
 """Rows per source: --quick, and the full run sized for an hour on 2 CPU cores with the demo preset."""
 SPLIT_OVERRIDES = ("data.sample_fraction=1.0", "data.warmup_fraction=0.15", "data.val_fraction=0.1",
@@ -101,25 +104,17 @@ def data_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     if args.mix == "builtin":
         return []
     per_source = args.per_source or PER_SOURCE["quick" if args.quick else "full"]
-    rows = real_mix.build_mix(args.datasets, per_source, args.seed)
-    mix_path = real_mix.write_mix(run_dir, rows)
+    rows = build_mix(args.datasets, per_source, args.seed)
+    mix_path = write_mix(run_dir, rows)
     emit({"figure": "mix", "per_source": per_source, "seed": args.seed, "path": str(mix_path),
           "rows": dict(Counter(row["domain"] for row in rows)), "total": len(rows)})
     if not args.held_out_per_source:
         return [f"data.paths=[{mix_path}]", *SPLIT_OVERRIDES]
-    held_out = real_mix.build_held_out(args.datasets, rows, args.held_out_per_source, args.seed)
-    held_out_path = real_mix.write_mix(run_dir, held_out, real_mix.HELD_OUT_FILE)
+    held_out = build_held_out(args.datasets, rows, args.held_out_per_source, args.seed)
+    held_out_path = write_mix(run_dir, held_out, HELD_OUT_FILE)
     emit({"figure": "held_out", "per_source": args.held_out_per_source, "path": str(held_out_path),
           "rows": dict(Counter(row["domain"] for row in held_out)), "total": len(held_out)})
     return [f"data.paths=[{mix_path}]", f"data.eval_paths=[{held_out_path}]", *SPLIT_OVERRIDES]
-
-
-def routed_loses_to(comparisons: list[dict]) -> list[str]:
-    """The methods that routed GradientSpace is behind on some source and metric by the point estimate.
-
-    A tie is not a loss: on the CPU runs every method's GSM8K exact match is 0.0.
-    """
-    return sorted({c["against"] for c in comparisons if not c["routed_better"] and c["routed"] != c["other"]})
 
 
 def summary_line(evaluation: dict, manifests: dict, args: argparse.Namespace, seconds: float) -> dict:
@@ -154,8 +149,6 @@ def write_json(path: Path, record: dict) -> None:
 
 def quality_config(args: argparse.Namespace, run_dir: Path):
     """(Config, overrides) of a quality run: the preset, the mix, the smoke settings with --quick, then args.overrides."""
-    from gs_ray.config import load_config
-
     overrides = [f"run.run_dir={run_dir}", *data_overrides(args, run_dir), *(QUICK_OVERRIDES if args.quick else ()),
                  *args.overrides]
     return load_config(args.config, overrides), overrides
@@ -166,16 +159,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = (args.run_dir or ROOT / "runs" / ("quality-quick" if args.quick else "quality")).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    import ray
-
-    from gs_ray.evaluation_stages import run_evaluation
-
     cfg, overrides = quality_config(args, run_dir)
     emit({"figure": "config", "preset": args.config, "overrides": overrides, "model": cfg.model.name,
           "lora_r": cfg.lora.r, "warmup_steps": cfg.warmup.max_steps, "expert_steps": cfg.experts.max_steps})
     started_ray = not ray.is_initialized()
     if started_ray:
-        resources = {} if cfg.train.use_gpu else {"num_cpus": LOCAL_RAY_CPUS}
+        # A cluster to join (RAY_ADDRESS) brings its own resources; a local one gets LOCAL_RAY_CPUS.
+        joining = bool(os.environ.get("RAY_ADDRESS"))
+        resources = {} if cfg.train.use_gpu or joining else {"num_cpus": LOCAL_RAY_CPUS}
         # With the dashboard: it serves the state API that Ray Train's placement-group cleaner polls,
         # which otherwise logs a warning every few seconds.
         ray.init(logging_level=logging.WARNING, **resources)

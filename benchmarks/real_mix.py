@@ -6,9 +6,9 @@ Run from the repository root:
         [--run-dir runs/real-mix] [--per-source N] [--seed S] [--config demo|gpu] [--evaluate] [--no-k3] [section.field=value ...]
 
 1. Builds the mix as one JSONL file inside the run dir (never in the package: the Alpaca
-   seed tasks are CC BY-NC): a seeded sample of N rows per source among the rows that fit
-   max_seq_len (scripts/build_builtin_mix.py's `fits`), each with "domain" =
-   gsm8k / mbpp / alpaca. GSM8K and MBPP rows come from build_builtin_mix's converters
+   seed tasks are CC BY-NC), built by `gs_ray.data.mixes.build_mix`: a seeded sample of N rows
+   per source among the rows that fit max_seq_len (`mixes.fits`), each with "domain" =
+   gsm8k / mbpp / alpaca. GSM8K and MBPP rows come from the built-in mix's converters
    (GSM8K: question -> instruction, answer without <<...>> annotations -> output; MBPP:
    task text and its test asserts -> instruction, reference code -> output; tasks with
    setup code are left out). Alpaca: instruction, instance input, instance output (175
@@ -33,32 +33,30 @@ Extra arguments are config overrides applied last (e.g. warmup.max_steps=80, clu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
-import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import ray
+
+from gs_ray.config import load_config
+from gs_ray.data.mixes import SEED, SOURCES, build_mix, write_mix
+from gs_ray.stages.pipeline import run_stages
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Set before Ray starts, so its workers inherit them (the driver itself only loads local model folders).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
 
-SEED = 20240601
 PER_SOURCE = {"quick": 60, "full": 300}
 QUICK_WARMUP_STEPS = 10
 REAL_MIX_OVERRIDES = ("data.sample_fraction=1.0", "warmup.max_steps=40", "experts.max_steps=24")
 """The whole mix and the step budgets every recorded real-mix figure used (the demo preset is smaller)."""
 SPECTRUM_SHOWN = 12
-SOURCES = ("gsm8k", "mbpp", "alpaca")
-MIX_FILE = "real_mix.jsonl"
-HELD_OUT_FILE = "real_mix_held_out.jsonl"
-HELD_OUT_SEED_OFFSET = 10
-"""Added to the seed for the held-out draws (the mix's draws use seed + 0, 1, 2), so the two never share a stream."""
 GRAD_ACTOR_CPUS = 2
 """grads.num_cpus_per_actor: the gradient actor uses both cores (torch threads follow Ray's CPU count)."""
 RAY_CPUS = GRAD_ACTOR_CPUS + 1
@@ -70,83 +68,8 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _builder():
-    """scripts/build_builtin_mix.py as a module (its converters and length filter)."""
-    path = ROOT / "scripts" / "build_builtin_mix.py"
-    spec = importlib.util.spec_from_file_location("build_builtin_mix", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def alpaca_usable(path: Path, fits) -> list[dict]:
-    """Alpaca seed tasks: every instance that fits, as {instruction, input, output}."""
-    rows = []
-    for task in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()):
-        for instance in task["instances"]:
-            rows.append({"instruction": task["instruction"], "input": instance["input"], "output": instance["output"],
-                         "domain": "alpaca", "task": task["name"]})
-    return [row for row in rows if fits(row)]
-
-
-def alpaca_rows(path: Path, rng: random.Random, n: int, fits) -> list[dict]:
-    """A seeded sample of n Alpaca rows among those that fit (all of them if fewer)."""
-    usable = alpaca_usable(path, fits)
-    return [usable[i] for i in sorted(rng.sample(range(len(usable)), min(n, len(usable))))]
-
-
-def build_mix(datasets: Path, n: int, seed: int) -> list[dict]:
-    """n rows per source (alpaca: at most n), deterministic for a seed."""
-    builder = _builder()
-    builder.ROWS_PER_DOMAIN = n  # the converters sample this many rows among those that fit
-    rows = []
-    for rng_offset, (domain, convert, name) in enumerate(
-        [("gsm8k", builder.gsm8k_rows, "gsm8k_train.jsonl"), ("mbpp", builder.mbpp_rows, "mbpp_train.jsonl")]
-    ):
-        for row in convert(datasets / name, random.Random(seed + rng_offset)):
-            rows.append(row | {"domain": domain})
-    rows += alpaca_rows(datasets / "alpaca_seed_tasks.jsonl", random.Random(seed + 2), n, builder.fits)
-    prompts = [(row["instruction"], row["input"], row["output"]) for row in rows]
-    if len(set(prompts)) != len(prompts):
-        raise ValueError("duplicate rows in the mix (they would share a content-hash sample id)")
-    return rows
-
-
-def build_held_out(datasets: Path, mix: list[dict], n: int, seed: int) -> list[dict]:
-    """n rows per source that are not in `mix` (fewer where a source has no more), for data.eval_paths.
-
-    The mix itself is untouched, so a run with these held-out rows trains exactly as one without them.
-    """
-    builder = _builder()
-    pools = {"gsm8k": builder.gsm8k_usable(datasets / "gsm8k_train.jsonl"),
-             "mbpp": builder.mbpp_usable(datasets / "mbpp_train.jsonl"),
-             "alpaca": alpaca_usable(datasets / "alpaca_seed_tasks.jsonl", builder.fits)}
-    in_mix = {(row["instruction"], row["input"], row["output"]) for row in mix}
-    rows = []
-    for rng_offset, (domain, pool) in enumerate(pools.items(), start=HELD_OUT_SEED_OFFSET):
-        left = [row for row in pool if (row["instruction"], row["input"], row["output"]) not in in_mix]
-        chosen = sorted(random.Random(seed + rng_offset).sample(range(len(left)), min(n, len(left))))
-        rows += [left[i] | {"domain": domain} for i in chosen]
-    if len({(row["instruction"], row["input"], row["output"]) for row in rows}) != len(rows):
-        raise ValueError("duplicate rows among the held-out rows (they would share a content-hash sample id)")
-    return rows
-
-
-def write_mix(run_dir: Path, rows: list[dict], name: str = MIX_FILE) -> Path:
-    """Rows as JSONL in the run dir; rewritten only when they changed (unchanged bytes keep the data stage current)."""
-    mix_path = run_dir / name
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not mix_path.is_file() or mix_path.read_text(encoding="utf-8") != text:
-        tmp = mix_path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, mix_path)
-    return mix_path
-
-
 def read_cluster_stage(run_dir: Path) -> dict:
     """What one Stage II run found: K, spectrum, sizes, cross-tab and agreement (read before a re-run replaces it)."""
-    import pyarrow.parquet as pq
-
     folder = run_dir / "cluster"
     manifest = json.loads((folder / "manifest.json").read_text())
     summary = manifest["summary"]
@@ -180,8 +103,6 @@ def report_cluster(tag: str, found: dict, k_min: int) -> None:
 
 def run_evaluation(cfg) -> dict:
     """Experts, router and the evaluate stage on the current clustering; JSON lines and the comparison."""
-    from gs_ray.pipeline import run_stages
-
     manifests = run_stages(cfg, "evaluate")
     emit({"figure": "stages", "run": "evaluate",
           "seconds": {name: manifests[name]["seconds"] for name in ("experts", "router", "evaluate")}})
@@ -226,11 +147,6 @@ def main() -> None:
     mix_path = write_mix(run_dir, rows)
     emit({"figure": "mix", "mode": mode, "smoke_run": args.quick, "per_source": per_source, "seed": args.seed,
           "path": str(mix_path), "rows": dict(Counter(row["domain"] for row in rows)), "total": len(rows)})
-
-    import ray
-
-    from gs_ray.config import load_config
-    from gs_ray.pipeline import run_stages
 
     on_cpu = args.config == "demo"
     base = [f"run.run_dir={run_dir}", f"data.paths=[{mix_path}]",

@@ -38,18 +38,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import ray
+
+from gs_ray.config import load_config
+from gs_ray.core.rundir import RunDir
+from gs_ray.data.inputs import BUILTIN_MIX
+from gs_ray.stages.pipeline import run_stages
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-# Set before Ray starts, so its workers inherit them.
+# Set before Ray starts, so its workers inherit them (the driver itself only loads local model folders).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GS_RAY_CACHE", str(ROOT / ".cache" / "test-models"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-
-from gs_ray.config import load_config  # noqa: E402
-from gs_ray.pipeline import RunDir, run_stages  # noqa: E402
 
 RAY_CPUS = 4
 """Logical CPUs on 2 cores: building the tiny run runs two expert jobs at once, serving needs 1.5."""
@@ -80,8 +81,7 @@ def _free_port() -> int:
 
 def build_tiny_run(folder: Path) -> Path:
     """A finished tiny run (data ... router) on a slice of the built-in mix."""
-    mix = ROOT / "gs_ray" / "resources" / "builtin_mix.jsonl"
-    rows = mix.read_text().splitlines()[::TINY_ROW_STRIDE]
+    rows = Path(BUILTIN_MIX).read_text().splitlines()[::TINY_ROW_STRIDE]
     data = folder / "mix.jsonl"
     data.write_text("\n".join(rows) + "\n")
     run_dir = folder / "run"
@@ -100,7 +100,7 @@ def eval_prompts(run_dir: Path, count: int) -> list[str]:
 
 
 def timed_chat(url: str, text: str, model: str, max_tokens: int) -> tuple[float, dict]:
-    from gs_ray.serve_client import chat
+    from gs_ray.serving.client import chat
 
     started = time.perf_counter()
     answer = chat(url, text, model=model, max_tokens=max_tokens, ignore_eos=True)
@@ -126,7 +126,7 @@ def batch_stats() -> dict[int, int]:
     """Batches decoded per batch size by the (single, see SERVE_OVERRIDES) expert replica."""
     from ray import serve
 
-    from gs_ray.serve import APP_NAME
+    from gs_ray.serving.app import APP_NAME
 
     return serve.get_deployment_handle("Expert", app_name=APP_NAME).batch_stats.remote().result()
 
@@ -169,7 +169,7 @@ def main() -> None:
 
     from ray import serve
 
-    from gs_ray.serve import finished_run_experts, load_run_config, start
+    from gs_ray.serving.app import finished_run_experts, load_run_config, start
 
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING")
     started = time.perf_counter()

@@ -25,10 +25,19 @@ import sys
 import time
 from collections.abc import Sequence
 
-from gs_ray.config import Config, describe, load_config, preset_names
-from gs_ray.errors import GsRayError
-from gs_ray.pipeline import EVALUATE_COMMAND, RUN_LAST_STAGE, STAGES, RunDir, run_stages
+import ray
+from ray import serve
 
+from gs_ray import submit
+from gs_ray.config import Config, describe, load_config, preset_names
+from gs_ray.core.errors import GsRayError
+from gs_ray.core.rundir import RunDir
+from gs_ray.evaluation.stages import describe_stage, run_evaluation
+from gs_ray.serving.app import API_KEY_ENV, finished_run_experts, load_run_config, start
+from gs_ray.serving.client import ServeRequestError, chat, describe_answer
+from gs_ray.stages.pipeline import RUN_LAST_STAGE, STAGES, run_stages
+
+EVALUATE_COMMAND = "evaluate"
 EXIT_USER_ERROR = 2
 SERVE_POLL_S = 1.0
 """How often `gs-ray serve` wakes while it waits for Ctrl-C."""
@@ -116,8 +125,6 @@ def _add_address_argument(parser: argparse.ArgumentParser) -> None:
 
 def submit_job(args: argparse.Namespace) -> int:
     """`gs-ray submit`: 0 when the job succeeded (or was only submitted, with --no-wait), else 1."""
-    from gs_ray import submit
-
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run.run_dir={args.run_dir}")
@@ -135,8 +142,6 @@ def submit_job(args: argparse.Namespace) -> int:
 
 def job_command(args: argparse.Namespace) -> int:
     """`gs-ray status|logs|stop JOB_ID`."""
-    from gs_ray import submit
-
     jobs = submit.client(args.address)
     if args.command == "status":
         print(submit.describe(jobs, args.job_id))
@@ -157,8 +162,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def _init_ray(cfg: Config) -> None:
-    import ray
-
     if ray.is_initialized():  # called in-process (a notebook, a job script, a test)
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -176,17 +179,11 @@ ARTIFACTS = {
 """What each stage wrote that users reach for, relative to the run dir."""
 
 
-def _describe(name: str, summary: dict) -> str:
-    from gs_ray.evaluation_stages import describe_stage  # evaluation's modules load only when a summary is printed
-
-    return describe_stage(name, summary)
-
-
 def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
     run = RunDir(cfg.run.run_dir)
     print("\n== gs-ray summary ==")
     for name, manifest in manifests.items():
-        print(f"  {name:<8} {_describe(name, manifest['summary'])}  [{manifest['seconds']:.0f} s]")
+        print(f"  {name:<8} {describe_stage(name, manifest['summary'])}  [{manifest['seconds']:.0f} s]")
     print(f"  run dir  {run.location}" + (f" (local mirror {run.root})" if run.remote else ""))
     for name in manifests:
         if name in ARTIFACTS:
@@ -195,11 +192,6 @@ def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
 
 def serve_run(args: argparse.Namespace, run_dir: str) -> int:
     """`gs-ray serve`: deploy the run, then answer one request (--once) or wait for Ctrl-C."""
-    from ray import serve
-
-    from gs_ray.serve import API_KEY_ENV, finished_run_experts, load_run_config, start
-    from gs_ray.serve_client import ServeRequestError, chat, describe_answer
-
     cfg = load_run_config(run_dir, args.config, list(args.overrides))
     finished_run_experts(cfg.run.run_dir)  # a clear error before any Ray process starts
     _init_ray(cfg)
@@ -238,8 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve_run(args, cfg.run.run_dir)
         _init_ray(cfg)
-        last = RUN_LAST_STAGE if args.command == "run" else args.command
-        manifests = run_stages(cfg, last, force=getattr(args, "force", False))
+        force = getattr(args, "force", False)
+        if args.command == EVALUATE_COMMAND:
+            manifests = run_evaluation(cfg, force=force)
+        else:
+            manifests = run_stages(cfg, RUN_LAST_STAGE if args.command == "run" else args.command, force=force)
         print_summary(cfg, manifests)
         return 0
     except GsRayError as exc:

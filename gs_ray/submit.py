@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gs_ray import storage
 from gs_ray.config import Config, load_config, preset_names
-from gs_ray.errors import ConfigError, JobError
+from gs_ray.core import storage
+from gs_ray.core.errors import ConfigError, JobError
 
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 """Where the Jobs API address is read from when --address is not given (as `ray job` does)."""

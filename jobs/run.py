@@ -1,17 +1,20 @@
-"""Ray job entry point: the whole pipeline (data, warm-up, clustering, experts, router).
+"""Ray job entry point: any `gs-ray` command (the whole pipeline, one stage, evaluate, serve) as a Ray job.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/run.py --config gpu --run-dir s3://BUCKET/runs/NAME [section.field=value ...]
+        python jobs/run.py STAGE --config gpu --run-dir s3://BUCKET/runs/NAME [section.field=value ...]
 
-or `gs-ray submit run --address http://HEAD:8265 ...`, which does the same and follows the logs.
-Stages already finished in the run dir are skipped, so a re-submitted job resumes.
-
-Arguments are those of `gs-ray run` (see `gs-ray run --help`).
+STAGE is `run` (every stage up to the router), one of `data warmup cluster experts router`,
+`evaluate` or `serve`; the arguments after it are that `gs-ray` command's. Without a STAGE
+it runs `run`. `gs-ray submit STAGE --address http://HEAD:8265 ...` does the same and follows
+the logs. Stages already finished in the run dir are skipped, so a re-submitted job resumes.
 """
 
 import sys
 
-from gs_ray.cli import main
+from gs_ray.cli import SUBMITTABLE, main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    arguments = sys.argv[1:]
+    if not arguments or arguments[0] not in SUBMITTABLE:
+        arguments = ["run", *arguments]
+    sys.exit(main(arguments))

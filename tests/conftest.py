@@ -1,8 +1,6 @@
 """Shared fixtures: offline HF, one local Ray cluster per test session, tiny configs."""
 
-import importlib
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +14,6 @@ os.environ.setdefault("GS_RAY_CACHE", str(REPO / ".cache" / "test-models"))
 
 RAY_TEST_CPUS = 4
 """Logical CPUs of the test cluster: two Train workers plus Ray Data tasks on 2 cores."""
-
-
-def import_from(folder: str, module: str):
-    """A module of the repository's scripts/ or benchmarks/ folder: plain scripts, not a package."""
-    path = str(REPO / folder)
-    sys.path.insert(0, path)
-    try:
-        return importlib.import_module(module)
-    finally:
-        sys.path.remove(path)
 
 
 def _has_cuda() -> bool:
@@ -74,7 +62,7 @@ def tiny_warm_run(ray_start_4_cpus, tmp_path_factory):
     import shutil
 
     from gs_ray.config import load_config
-    from gs_ray.pipeline import run_stages
+    from gs_ray.stages.pipeline import run_stages
 
     built = tmp_path_factory.mktemp("tiny-warm") / "run"
     run_stages(load_config("tiny", [f"run.run_dir={built}", *WARM_RUN_OVERRIDES]), "warmup")
@@ -101,7 +89,7 @@ def tiny_finished_run(tiny_warm_run):
     Tests read it, or add stages after the router (evaluate); none rewrite what is there.
     """
     from gs_ray.config import load_config
-    from gs_ray.pipeline import run_stages
+    from gs_ray.stages.pipeline import run_stages
 
     cfg = load_config("tiny", [f"run.run_dir={tiny_warm_run('finished')}", *FINISHED_RUN_OVERRIDES])
     return cfg, run_stages(cfg, "router")

@@ -7,14 +7,15 @@ these check what only a GPU exercises: device placement, bf16 numerics, `num_gpu
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_grads import LENGTHS, _rows, _trained_lora
+
+from gs_ray.config import load_config
+from gs_ray.data.batches import load_split, pad_batch
+from gs_ray.gradientspace.grads import PerSampleGradients, reference_gradients
+from gs_ray.stages.pipeline import run_stages
+from gs_ray.train.loop import TrainJob, run_training
 
 from conftest import WARM_RUN_OVERRIDES
-from gs_ray.config import load_config
-from gs_ray.data import load_split, pad_batch
-from gs_ray.grads import PerSampleGradients, reference_gradients
-from gs_ray.pipeline import run_stages
-from gs_ray.train import TrainJob, run_training
-from test_grads import LENGTHS, _rows, _trained_lora
 
 pytestmark = pytest.mark.gpu
 

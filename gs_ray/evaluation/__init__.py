@@ -1,0 +1,1 @@
+"""gs-ray evaluate: gradient analysis, baselines, scoring, diagnostics, the comparison and the report."""

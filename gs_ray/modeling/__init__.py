@@ -1,0 +1,1 @@
+"""Base models and LoRA adapters, token losses, and decoding."""

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible HTTP surface: request schemas, validation, model ids, response bodies.
+
+Everything here is plain pydantic and dicts, testable without Ray. A client mistake of
+any kind becomes an `APIError` with a 4xx status and the OpenAI error body
+`{"error": {"message", "type", "param", "code"}}`; the ingress turns it into the response.
+
+Model ids: `gs-ray` (the router picks one expert), `gs-ray:expert-<k>` (that expert),
+`gs-ray:ensemble` (every expert, mixed by router probabilities), `base` (no adapter).
+Expert ids are checked against a strict pattern and the experts of the run, so nothing
+from a request ever becomes part of a file path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gs_ray.core import layout
+from gs_ray.data.schemas import json_problem
+
+ROUTED_MODEL = "gs-ray"
+ENSEMBLE_MODEL = "gs-ray:ensemble"
+BASE_MODEL = layout.BASE_ID
+EXPERT_MODEL = re.compile(f"{ROUTED_MODEL}:{layout.EXPERT_ID.pattern}")
+"""`gs-ray:expert-<k>`: k decimal without leading zeros (matched in full)."""
+MODEL_OWNER = "gs-ray"
+MAX_TEMPERATURE = 2.0
+"""OpenAI's range for temperature is [0, 2]."""
+MAX_STOP_STRINGS = 4
+"""OpenAI accepts up to 4 stop sequences."""
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class APIError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------- requests
+
+
+class _Request(BaseModel):
+    """Fields shared by both endpoints; fields the server does not implement are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    """Extension (as in vLLM): decode past the end-of-turn token, for fixed-length benchmarks."""
+    stream_options: dict[str, Any] | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+        return tuple(s for s in stops if s)
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise APIError(400, f"one prompt per request, got a list of {len(self.prompt)}", param="prompt")
+        return self.prompt[0]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+def decode_body(raw: bytes) -> Any:
+    """The JSON value of a request body; anything that is not valid UTF-8 JSON text is a 400."""
+    try:
+        body = json.loads(raw)
+        # A JSON escape such as \ud800 decodes to a lone surrogate, which no tokenizer or UTF-8 response can hold.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body is not valid Unicode: it holds an unpaired surrogate escape "
+                            "such as \\ud800") from None
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"the request body is {json_problem(exc)}") from None
+    return body
+
+
+def parse_request(schema: type[_Request], body: Any) -> _Request:
+    """Validate a decoded JSON body; any schema problem is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise APIError(400, f"invalid request: {problems}", param=param) from exc
+
+
+def check_max_tokens(requested: int | None, default: int, limit: int) -> int:
+    """The request's max_tokens, or the default; above the server's limit is a 400."""
+    value = default if requested is None else requested
+    if value > limit:
+        raise APIError(400, f"max_tokens must be at most {limit}, got {value}", param="max_tokens")
+    return value
+
+
+def check_prompt_length(prompt_tokens: int, max_tokens: int, max_prompt_tokens: int, context_length: int,
+                        param: str) -> None:
+    """Over-long or empty prompts, and prompts that leave no room for the reply, are 400s (param: the prompt field)."""
+    if prompt_tokens == 0:
+        raise APIError(400, "the prompt is empty", param=param, code="empty_prompt")
+    if prompt_tokens > max_prompt_tokens:
+        raise APIError(400, f"the prompt has {prompt_tokens} tokens, more than the limit of {max_prompt_tokens}",
+                       param=param, code="context_length_exceeded")
+    if prompt_tokens + max_tokens > context_length:
+        raise APIError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceed the model's "
+                       f"context of {context_length} tokens", param="max_tokens", code="context_length_exceeded")
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a model id asks for. mode: routed | expert | ensemble | base; expert set only for `expert`."""
+
+    mode: str
+    expert: int | None = None
+
+
+def model_ids(num_experts: int) -> list[str]:
+    return [ROUTED_MODEL, ENSEMBLE_MODEL, *(f"{ROUTED_MODEL}:{layout.expert_id(k)}" for k in range(num_experts)), BASE_MODEL]
+
+
+def resolve_model(name: str, num_experts: int) -> Target:
+    """The target of a model id; anything else (including a malformed expert id) is a 404."""
+    if name == ROUTED_MODEL:
+        return Target("routed")
+    if name == ENSEMBLE_MODEL:
+        return Target("ensemble")
+    if name == BASE_MODEL:
+        return Target("base")
+    match = EXPERT_MODEL.fullmatch(name)
+    if match and int(match.group(1)) < num_experts:
+        return Target("expert", int(match.group(1)))
+    raise APIError(404, f"model {name!r} does not exist; available: {', '.join(model_ids(num_experts))}",
+                   param="model", code="model_not_found")
+
+
+def models_body(num_experts: int, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": MODEL_OWNER}
+                                       for name in model_ids(num_experts)]}
+
+
+# ---------------------------------------------------------------- responses
+
+
+def gs_ray_info(target: Target, expert: int | None, probabilities: list[float] | None, adapter: str) -> dict[str, Any]:
+    """The `gs_ray` object of every response: how the request was served."""
+    return {
+        "mode": target.mode,
+        "expert": expert,
+        "adapter": adapter,
+        "router_probabilities": probabilities,
+        "confidence": max(probabilities) if probabilities else None,
+    }
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Envelope:
+    """Id, timestamp and model of one response (shared by all its stream chunks)."""
+
+    model: str
+    chat: bool
+    info: dict[str, Any]
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = self.created or int(time.time())
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """A whole (non-streamed) response body."""
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                      "logprobs": None}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            kind = "text_completion"
+        return {**self._head(kind), "choices": [choice], "usage": _usage(prompt_tokens, completion_tokens),
+                "gs_ray": self.info}
+
+    def chunk(self, text: str, finish_reason: str | None = None, *, first: bool = False,
+              usage: tuple[int, int] | None = None) -> dict[str, Any]:
+        """One streamed chunk; the first and the last carry the `gs_ray` object."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+            if finish_reason is not None and not text:
+                delta = {}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            body = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            body = {**self._head("text_completion"),
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+        if first or finish_reason is not None:
+            body["gs_ray"] = self.info
+        if usage is not None:
+            body["usage"] = _usage(*usage)
+        return body

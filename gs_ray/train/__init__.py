@@ -1,0 +1,1 @@
+"""Training: the one Ray Train + DeepSpeed loop (warm-up, experts, baselines) and the encoder router."""
