@@ -141,7 +141,7 @@ def prepare(args, tmp: Path):
 
 def _stream(cfg, data_dir: Path, adapter_dir: str, actor):
     """The training split's stream pass, as Stage II runs it."""
-    return gradient_stream.assign_split(cfg, str(data_dir / "train"), adapter_dir, actor, "stream")
+    return gradient_stream.assign_split(cfg, str(data_dir / "train"), adapter_dir, actor, "stream")[0]
 
 
 def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:

@@ -205,6 +205,9 @@ class ClusterConfig:
     k-means on the full-d validation features): `all` did better from about 100 validation rows, worse at 50."""
     checkpoint_every: int = 8
     """Cache summaries applied between saves of the clustering actor's state (a killed actor resumes from the last)."""
+    on_bad_gradient: str = "error"
+    """Samples whose gradient has NaN or infinite values or is all zero: `error` stops and names them; `skip` leaves
+    them out of the clustering and of the experts, and the cluster summary counts them."""
 
     def __post_init__(self) -> None:
         _check(self.k == 0 or self.k >= 2, "cluster.k", f"must be 0 (automatic) or >= 2, got {self.k}")
@@ -214,6 +217,7 @@ class ClusterConfig:
         _check(self.max_val_samples > self.k_max, "cluster.max_val_samples", "must exceed cluster.k_max")
         _check_choice(self.init_coordinates, INIT_COORDINATES, "cluster.init_coordinates")
         _check(self.checkpoint_every >= 1, "cluster.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check_choice(self.on_bad_gradient, ("error", "skip"), "cluster.on_bad_gradient")
 
 
 @dataclass

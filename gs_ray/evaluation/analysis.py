@@ -141,7 +141,7 @@ def build_analysis(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     adapter = run.shared(warmup_adapter)
     # The scratch file lives in the staging folder only while this runs: n x d floats are never kept.
     with ordered_execution(), tempfile.NamedTemporaryFile(dir=staging, prefix=".gradients-", suffix=".f32") as handle:
-        ids, matrix = gradients_to_file(cfg, rows, adapter, handle.name)
+        ids, matrix, _ = gradients_to_file(cfg, rows, adapter, handle.name)
         grams = block_grams(matrix, gradient_blocks(warmup_adapter))
         gram = sum(grams.values())
         projected = rademacher_project(matrix, cfg.baselines.projection_dim, cfg.baselines.projection_seed)

@@ -80,10 +80,13 @@ def routing(run: Any, rows: list[dict], prefix: str) -> dict[str, Any]:
     picked, probabilities = Router.load(run.stage_dir(layout.ROUTER_STAGE) / layout.ROUTER_DIRNAME).predict(
         [request_text(json.loads(row["messages"])) for row in rows])
     names = [prefix + layout.expert_id(e["expert"]) for e in record["experts"]]
-    return {"adapters": {name: str(run.stage_dir("experts") / name[len(prefix):] / layout.ADAPTER_DIRNAME) for name in names},
+    experts_dir = run.stage_dir(layout.EXPERTS_STAGE)
+    # A held-out row left out of the clustering (cluster.on_bad_gradient=skip) has no own cluster: its router pick.
+    own = [record["expert_of_cluster"][cluster_of[row["sample_id"]]] if row["sample_id"] in cluster_of else int(pick)
+           for row, pick in zip(rows, picked)]
+    return {"adapters": {name: str(layout.expert_adapter_dir(experts_dir, name[len(prefix):])) for name in names},
             "names": names, "picked": [int(e) for e in picked], "probabilities": probabilities.tolist(),
-            "own": [record["expert_of_cluster"][cluster_of[row["sample_id"]]] for row in rows],
-            "steps": experts_total_steps(record)}
+            "own": own, "steps": experts_total_steps(record)}
 
 
 def method_routes(rows: list[dict], routings: dict[str, dict[str, Any]]) -> dict[str, list]:

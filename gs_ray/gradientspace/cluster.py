@@ -59,6 +59,15 @@ def _as_matrix(grads, dim: int | None = None) -> np.ndarray:
     return array
 
 
+def _require_finite(rows: np.ndarray, what: str) -> None:
+    """A NaN or inf row would poison a centroid for good: refuse it, naming the rows (the stage filters them first)."""
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        positions = np.flatnonzero(~finite)
+        raise ClusterError(f"{what}: rows {positions[:5].tolist()}{' ...' if len(positions) > 5 else ''} "
+                           f"({len(positions)} of {len(rows)}) have NaN or infinite values")
+
+
 class GradientFeatures:
     """Raw gradients -> clustering features: u = g/||g||; if center: u' = normalize(u - mean)."""
 
@@ -226,6 +235,7 @@ class OnlineSVDClusterer:
         if self.cfg.k > 0 and m < self.cfg.k + 1:
             raise ClusterError(f"cluster.k={self.cfg.k} needs at least {self.cfg.k + 1} validation rows, got {m}")
         gram = gram_matrix(grads)
+        _require_finite(np.diag(gram)[:, None], "validation gradients")
         transform, mean_weights = _validation_transform(gram, self.cfg.center)
         singular_values, vectors = spectrum_from_gram(transform @ gram @ transform.T)
         if self.cfg.k > 0:
@@ -278,6 +288,7 @@ class OnlineSVDClusterer:
         v = np.asarray(v, dtype=FEATURE_DTYPE)
         if v.shape != (self.dim,):
             raise ClusterError(f"summary dimension {v.shape} does not match the clusterer's dimension {self.dim}")
+        _require_finite(v[None, :], f"the summary of cluster {k}")
         if float(v @ self.centroids[k]) < 0:
             v = -v
         beta = FEATURE_DTYPE(self.cfg.ema_beta)
@@ -288,7 +299,9 @@ class OnlineSVDClusterer:
     def partial_fit(self, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stream rows in order: assign, cache, and apply any filled cache's summary before the next row."""
         self._check_fitted()
-        features = self.features(_as_matrix(grads, self.dim))
+        grads = _as_matrix(grads, self.dim)
+        _require_finite(grads, "streamed gradients")
+        features = self.features(grads)
         clusters = np.empty(len(features), dtype=np.int64)
         similarities = np.empty(len(features), dtype=FEATURE_DTYPE)
         for i in range(len(features)):

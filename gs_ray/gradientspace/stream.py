@@ -39,11 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+import torch
 
 from gs_ray.config import Config, config_from_dict
 from gs_ray.core import storage
 from gs_ray.core.errors import DataError
 from gs_ray.data.batches import load_split, pad_batch
+from gs_ray.gradientspace import checks
+from gs_ray.gradientspace.checks import gradient_problems
 from gs_ray.gradientspace.cluster import (
     ClusterCaches,
     GradientFeatures,
@@ -69,9 +72,6 @@ class GradientWorker:
     """Ray Data `map_batches` actor: the base model with the warm-up adapter, one per pool slot."""
 
     def __init__(self, config: dict[str, Any], adapter_dir: str, mode: str, actor: Any = None):
-        import torch
-
-
         if mode not in MODES or (mode != "gradients" and actor is None):
             raise ValueError(f"mode must be one of {MODES} (stream and assign need the actor), got {mode!r}")
         cfg = config_from_dict(config)
@@ -98,16 +98,23 @@ class GradientWorker:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = batch.select(["input_ids", "labels"]).to_pylist()
-        grads = self.gradients(pad_batch(rows, self.pad_id)).cpu().numpy()
-        out = {"sample_id": np.asarray(batch["sample_id"].to_pylist(), dtype=object)}
+        return self.process(batch, self.gradients(pad_batch(rows, self.pad_id)).cpu().numpy())
+
+    def process(self, batch: pa.Table, grads: np.ndarray) -> dict[str, np.ndarray]:
+        """The output rows of a batch given its gradients; a row with a `problem` never reaches a cache."""
+        problems = gradient_problems(grads)
+        out = {"sample_id": np.asarray(batch["sample_id"].to_pylist(), dtype=object), "problem": problems}
         if self.mode == "gradients":
             return out | {"gradient": grads}
         if self.mode == "stream" or self.centroids is None:
             self._refresh()
-        features = self.features(grads)
-        clusters, similarity = nearest_centroids(features, self.centroids)
+        usable = problems == ""
+        clusters = np.full(len(grads), -1, dtype=np.int64)
+        similarity = np.full(len(grads), np.nan, dtype=np.float32)
+        features = self.features(grads[usable])
+        clusters[usable], similarity[usable] = nearest_centroids(features, self.centroids)
         if self.mode == "stream":
-            summaries = self.caches.add(clusters, features)
+            summaries = self.caches.add(clusters[usable], features)
             if summaries:  # waited for, so this worker's next refresh sees its own updates
                 ray.get(self.actor.apply_summaries.remote(summaries))
         labels = batch["label"].to_pylist()
@@ -200,24 +207,31 @@ def _validation_rows(cfg: Config, data: str) -> list[dict]:
     return [{column: row[column] for column in INPUT_COLUMNS} for row in rows]
 
 
-def gradients_to_file(cfg: Config, rows: list[dict], adapter_dir: str, path: str) -> tuple[list[str], np.memmap]:
-    """Every row's full LoRA gradient, written into a float32 memory-mapped file (rows x d) as they arrive.
+def gradients_to_file(cfg: Config, rows: list[dict], adapter_dir: str, path: str) -> tuple[list[str], np.memmap, list]:
+    """Every usable row's full LoRA gradient, written into a float32 memory-mapped file (rows x d) as they arrive.
 
     Returns the sample ids in the file's row order (the pool sorts rows by length within
-    blocks, so it is not the input order) and the matrix. Rows need INPUT_COLUMNS.
+    blocks, so it is not the input order), the matrix and the (sample_id, problem) of rows left out. Rows need INPUT_COLUMNS. Rows whose
+    gradient cannot be clustered stop the stage or are left out (cluster.on_bad_gradient).
     """
-    matrix, ids = None, []
+    matrix, ids, bad = None, [], []
     for batch in _gradient_pass(cfg, [pa.Table.from_pylist(rows)], adapter_dir, "gradients"):
         if not batch.num_rows:
             continue
-        block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False))
+        problems = batch["problem"].to_pylist()
+        found = checks.bad_samples(batch["sample_id"].to_pylist(), problems)
+        checks.enforce(found, cfg.cluster.on_bad_gradient, "the val split")
+        bad.extend(found)
+        usable = np.asarray(problems) == ""
+        block = np.stack(batch["gradient"].to_numpy(zero_copy_only=False))[usable]
         if matrix is None:  # d is known once the first gradients arrive
             matrix = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(rows), block.shape[1]))
         matrix[len(ids) : len(ids) + len(block)] = block
-        ids.extend(batch["sample_id"].to_pylist())
-    if matrix is None:
-        raise DataError("no gradients were computed: the rows are empty")
-    return ids, matrix
+        ids.extend(np.asarray(batch["sample_id"].to_pylist(), dtype=object)[usable].tolist())
+    if matrix is None or not ids:
+        raise DataError("no gradients were computed: the rows are empty" if matrix is None else
+                        f"every one of the {len(bad)} validation gradients was left out: nothing to cluster")
+    return ids, matrix[: len(ids)], bad
 
 
 def fit_on_validation(cfg: Config, data: str, adapter_dir: str, scratch: Path) -> tuple[OnlineSVDClusterer, dict]:
@@ -225,17 +239,26 @@ def fit_on_validation(cfg: Config, data: str, adapter_dir: str, scratch: Path) -
     rows = _validation_rows(cfg, data)
     clusterer = OnlineSVDClusterer(cfg.cluster, seed=cfg.run.seed)
     with tempfile.NamedTemporaryFile(dir=scratch, prefix=".val-gradients-", suffix=".f32") as handle:
-        _, matrix = gradients_to_file(cfg, rows, adapter_dir, handle.name)
+        ids, matrix, bad = gradients_to_file(cfg, rows, adapter_dir, handle.name)
         fit = clusterer.fit_validation(matrix)
         del matrix
-    fit["val_samples"] = len(rows)
+    fit["val_samples"], fit["bad"] = len(ids), bad
     return clusterer, fit
 
 
-def assign_split(cfg: Config, split: str, adapter_dir: str, actor: Any, mode: str) -> pa.Table:
-    """sample_id, cluster, similarity, label for every sample of a split, sorted by sample_id."""
+def assign_split(cfg: Config, split: str, adapter_dir: str, actor: Any, mode: str) -> tuple[pa.Table, list]:
+    """(sample_id, cluster, similarity, label of every usable sample of a split, sorted by sample_id; the
+    (sample_id, problem) of those left out under cluster.on_bad_gradient=skip). Under `error`, the first
+    batch with an unusable gradient stops the pass."""
     parts = _split_parts(split, cfg.grads.batch_size * BATCHES_PER_BLOCK)
-    tables = [batch for batch in _gradient_pass(cfg, parts, adapter_dir, mode, actor) if batch.num_rows]
+    tables, bad = [], []
+    for batch in _gradient_pass(cfg, parts, adapter_dir, mode, actor):
+        if not batch.num_rows:
+            continue
+        found = checks.bad_samples(batch["sample_id"].to_pylist(), batch["problem"].to_pylist())
+        checks.enforce(found, cfg.cluster.on_bad_gradient, f"the split under {split}")
+        bad.extend(found)
+        tables.append(batch.filter(pc.equal(batch["problem"], "")).drop_columns(["problem"]))
     if not tables:
         raise DataError(f"the split under {split} is empty: nothing to assign")
-    return pa.concat_tables(tables).sort_by("sample_id")
+    return pa.concat_tables(tables).sort_by("sample_id"), bad

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from gs_ray.config import Config
 from gs_ray.core import layout, storage
 from gs_ray.core.rundir import RunDir, Stage
+from gs_ray.gradientspace import checks
 from gs_ray.gradientspace.actor import ClusterActor
 from gs_ray.gradientspace.metrics import label_agreement
 from gs_ray.gradientspace.plots import plot_cluster_sizes, plot_spectrum
@@ -48,10 +49,12 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
                      scheduling_strategy=here)
             .remote(cfg.cluster, initial_state, str(checkpoint))
         )
-        streamed = assign_split(cfg, storage.join(data, TRAIN_SPLIT), adapter_dir, actor, "stream")
-        final = assign_split(cfg, storage.join(data, TRAIN_SPLIT), adapter_dir, actor, "assign") if cfg.cluster.reassign else streamed
+        streamed, bad_train = assign_split(cfg, storage.join(data, TRAIN_SPLIT), adapter_dir, actor, "stream")
+        final = streamed
+        if cfg.cluster.reassign:
+            final, _ = assign_split(cfg, storage.join(data, TRAIN_SPLIT), adapter_dir, actor, "assign")
         # Held-out samples against the final centroids: each one's own cluster (oracle routing, expert eval sets).
-        held_out = assign_split(cfg, storage.join(data, EVAL_SPLIT), adapter_dir, actor, "assign")
+        held_out, bad_eval = assign_split(cfg, storage.join(data, EVAL_SPLIT), adapter_dir, actor, "assign")
         state = ray.get(actor.state_dict.remote())
         resumed_from = ray.get(actor.resumed_from.remote())
         ray.kill(actor)
@@ -60,7 +63,8 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
             leftover.unlink(missing_ok=True)
     assignments = final
     summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "val_samples": fit["val_samples"],
-                               "actor_resumed_from_version": resumed_from}
+                               "actor_resumed_from_version": resumed_from,
+                               "bad_gradients": checks.summary(fit.get("bad", []) + bad_train + bad_eval)}
     if cfg.cluster.reassign:
         changed = np.asarray(streamed["cluster"]) != np.asarray(final["cluster"])
         assignments = final.append_column("stream_cluster", streamed["cluster"])
