@@ -172,8 +172,14 @@ class GradsConfig:
     """GPUs per gradient actor; 0 on CPU."""
     num_cpus_per_actor: float = 1.0
     """CPUs per gradient actor (torch uses as many threads)."""
+    tokens: str = "end"
+    """Target tokens each sample's loss (and so its gradient) is taken over: `end`, the chat template's end-of-turn
+    tokens (one target shared by every sample, so the gradient reflects the context rather than the answer's own
+    tokens); `answer`, the reply without them; `all`, both (what training uses). benchmarks/RESULTS.md, planted
+    skills, compares them."""
 
     def __post_init__(self) -> None:
+        _check_choice(self.tokens, ("all", "answer", "end"), "grads.tokens")
         _check(self.batch_size >= 1, "grads.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.concurrency >= 1, "grads.concurrency", f"must be >= 1, got {self.concurrency}")
         _check(self.num_gpus_per_actor >= 0, "grads.num_gpus_per_actor", "must be >= 0")

@@ -94,6 +94,22 @@ def _reply_text(tokenizer: Any, messages: list[dict], response: str, prompt: str
     return response + (tokenizer.eos_token or "")
 
 
+END_OF_TURN_PROBE = "0"
+"""A one-character reply rendered to find the text the chat template puts after every reply."""
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The token ids the chat template puts after every assistant reply (ChatML: "<|im_end|>" and a newline).
+
+    They end every training target, so their loss has the same target for every sample: its
+    gradient carries what the context is about rather than which answer tokens it has.
+    """
+    messages = [{"role": "user", "content": "?"}]
+    reply = _reply_text(tokenizer, messages, END_OF_TURN_PROBE, render_prompt(tokenizer, messages))
+    end = reply[reply.index(END_OF_TURN_PROBE) + len(END_OF_TURN_PROBE):] if END_OF_TURN_PROBE in reply else ""
+    return tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+
+
 def encode_batch(tokenizer: Any, messages: list[list[dict]], responses: list[str], cfg: DataConfig) -> list[dict]:
     """Token ids and loss labels for samples; over-long samples follow cfg.overlong.
 

@@ -23,11 +23,37 @@ from typing import Any
 
 import torch
 
+from gs_ray.data.batches import IGNORE_INDEX
 from gs_ray.modeling.losses import token_losses
 from gs_ray.modeling.models import ADAPTER_WEIGHTS, lora_parameters
 
 WEIGHT_SUFFIX = ".weight"
 _BLOCK = re.compile(r"\.(\w+)\.(lora_[AB])\.")
+
+
+TOKEN_SELECTIONS = ("all", "answer", "end")
+"""Which target tokens a sample's gradient is taken over (grads.tokens): the whole reply with its end of turn, the
+reply alone, or the end-of-turn tokens alone."""
+
+
+def select_target_tokens(row: dict, tokens: str, end_ids: list[int]) -> dict:
+    """The row with loss labels left only on the target tokens the gradient is taken over.
+
+    `end`: the chat template's end-of-turn tokens (`end_ids`); a reply truncated before them
+    gets them appended, as if it had ended there, so every sample's gradient has the same kind
+    of target. `answer`: every reply token but the end of turn. `all`: the row unchanged.
+    """
+    if tokens == "all":
+        return row
+    ids, labels, n = list(row["input_ids"]), list(row["labels"]), len(end_ids)
+    ends_its_turn = n > 0 and labels[-n:] == list(end_ids)
+    if tokens == "end":
+        if not ends_its_turn:
+            ids, labels = ids + list(end_ids), labels + list(end_ids)
+        labels = [IGNORE_INDEX] * (len(labels) - n) + labels[-n:]
+    elif ends_its_turn and any(label != IGNORE_INDEX for label in labels[:-n]):
+        labels = labels[:-n] + [IGNORE_INDEX] * n
+    return {**row, "input_ids": ids, "labels": labels}
 
 
 def per_sample_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

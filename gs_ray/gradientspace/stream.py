@@ -30,21 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from gs_ray.config import Config, config_from_dict
 from gs_ray.core import storage
-from gs_ray.core.errors import DataError
+from gs_ray.core.errors import ConfigError, DataError
 from gs_ray.data.batches import load_split, pad_batch
+from gs_ray.data.prepare import end_of_turn_ids
 from gs_ray.gradientspace import checks
 from gs_ray.gradientspace.checks import gradient_problems
 from gs_ray.gradientspace.cluster import (
@@ -54,7 +53,7 @@ from gs_ray.gradientspace.cluster import (
     VersionToken,
     nearest_centroids,
 )
-from gs_ray.gradientspace.grads import PerSampleGradients
+from gs_ray.gradientspace.grads import PerSampleGradients, select_target_tokens
 from gs_ray.modeling.models import load_adapter, load_base_model, load_tokenizer
 
 MODES = ("gradients", "stream", "assign")
@@ -78,7 +77,12 @@ class GradientWorker:
         device = "cuda" if cfg.grads.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         model = load_adapter(load_base_model(cfg.model), adapter_dir).to(device)
         self.gradients = PerSampleGradients(model)
-        self.pad_id = load_tokenizer(cfg.model).pad_token_id or 0
+        tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.tokens, self.end_ids = cfg.grads.tokens, end_of_turn_ids(tokenizer)
+        if self.tokens == "end" and not self.end_ids:
+            raise ConfigError(f"grads.tokens=end: the chat template of {cfg.model.name!r} puts no end-of-turn text after "
+                              "a reply; use grads.tokens=answer or all")
         self.mode, self.actor, self.cache_size = mode, actor, cfg.cluster.cache_size
         self.version: VersionToken | None = None
         self.centroids: np.ndarray | None = None
@@ -97,7 +101,8 @@ class GradientWorker:
         self.version = version
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        rows = batch.select(["input_ids", "labels"]).to_pylist()
+        rows = [select_target_tokens(row, self.tokens, self.end_ids)
+                for row in batch.select(["input_ids", "labels"]).to_pylist()]
         return self.process(batch, self.gradients(pad_batch(rows, self.pad_id)).cpu().numpy())
 
     def process(self, batch: pa.Table, grads: np.ndarray) -> dict[str, np.ndarray]:
@@ -126,51 +131,29 @@ def _sorted_by_length(block: pa.Table) -> pa.Table:
     return block.take(pc.sort_indices(pc.list_value_length(block["input_ids"])))
 
 
-def _length_sorted_blocks(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int) -> Iterator[pa.Table]:
-    """The rows in consecutive blocks of rows_per_block, each sorted by length, one block held at a time."""
-    held: list[pa.Table] = []
-    count = 0
-    for part in tables:
-        held.append(pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part)
-        count += part.num_rows
-        while count >= rows_per_block:
-            table = pa.concat_tables(held)
-            yield _sorted_by_length(table.slice(0, rows_per_block))
-            rest = table.slice(rows_per_block)
-            held, count = [rest], rest.num_rows
-    if count:
-        yield _sorted_by_length(pa.concat_tables(held))
+def _length_sorted(rows: ray.data.Dataset, rows_per_block: int) -> ray.data.Dataset:
+    """The rows in consecutive blocks of rows_per_block, each sorted by length (a lazy, streamed plan).
 
-
-def _block_refs(tables: Iterable[pa.Table | pa.RecordBatch], rows_per_block: int) -> list[ray.ObjectRef]:
-    """`_length_sorted_blocks`, put in the object store from here.
-
-    Cut on the driver, one block in memory at a time, rather than by Ray Data read and
-    repartition tasks: token ids are small, and those tasks cost every pass new worker
-    processes and their imports (on 2 cores, as long as the tiny model's gradients). The
-    blocks are in the object store before the actor pool starts, so nothing waits for a
-    CPU the pool holds (one actor of 2 CPUs on 2 cores would otherwise deadlock).
+    The sort runs in zero-CPU tasks fused with the read: they never wait for a CPU the actor
+    pool holds (one actor of 2 CPUs on 2 cores would otherwise deadlock), and Ray Data's
+    backpressure keeps only a bounded number of blocks in the object store however long the split.
     """
-    return [ray.put(block) for block in _length_sorted_blocks(tables, rows_per_block)]
+    return rows.map_batches(_sorted_by_length, batch_size=rows_per_block, batch_format="pyarrow", num_cpus=0)
 
 
-def _split_parts(split: str, rows_per_part: int) -> Iterator[pa.RecordBatch]:
-    """A split's rows (INPUT_COLUMNS) file by file in name order, a bounded batch at a time; a path or URI."""
+def split_rows(split: str) -> ray.data.Dataset:
+    """A split's rows (INPUT_COLUMNS), file by file in name order, read where they are (path or URI) as a stream."""
     fs, root = storage.resolve(split)
-    for name in sorted(n for n in storage.file_sizes(split) if n.endswith(".parquet")):
-        with fs.open_input_file(f"{root}/{name}") as handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=rows_per_part, columns=INPUT_COLUMNS)
+    files = [f"{root}/{name}" for name in sorted(n for n in storage.file_sizes(split) if n.endswith(".parquet"))]
+    if not files:
+        raise DataError(f"the split under {split} is empty: nothing to assign")
+    return ray.data.read_parquet(files, filesystem=fs, columns=INPUT_COLUMNS, ray_remote_args={"num_cpus": 0})
 
 
-def _gradient_pass(cfg: Config, tables: Iterable[pa.Table | pa.RecordBatch], adapter_dir: str, mode: str,
-                   actor: Any = None):
-    """Batches (pyarrow) of one pass of the worker pool over the rows in tables, in input order."""
+def _gradient_pass(cfg: Config, rows: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any = None):
+    """Batches (pyarrow) of one pass of the worker pool over `rows`, in input order, streamed."""
     grads = cfg.grads
-    refs = _block_refs(tables, grads.batch_size * BATCHES_PER_BLOCK)
-    if not refs:
-        return iter(())
-    blocks = ray.data.from_arrow_refs(refs)
-    mapped = blocks.map_batches(
+    mapped = _length_sorted(rows, grads.batch_size * BATCHES_PER_BLOCK).map_batches(
         GradientWorker,
         fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor},
         batch_size=grads.batch_size, batch_format="pyarrow",
@@ -215,7 +198,7 @@ def gradients_to_file(cfg: Config, rows: list[dict], adapter_dir: str, path: str
     gradient cannot be clustered stop the stage or are left out (cluster.on_bad_gradient).
     """
     matrix, ids, bad = None, [], []
-    for batch in _gradient_pass(cfg, [pa.Table.from_pylist(rows)], adapter_dir, "gradients"):
+    for batch in _gradient_pass(cfg, ray.data.from_arrow(pa.Table.from_pylist(rows)), adapter_dir, "gradients"):
         if not batch.num_rows:
             continue
         problems = batch["problem"].to_pylist()
@@ -250,9 +233,8 @@ def assign_split(cfg: Config, split: str, adapter_dir: str, actor: Any, mode: st
     """(sample_id, cluster, similarity, label of every usable sample of a split, sorted by sample_id; the
     (sample_id, problem) of those left out under cluster.on_bad_gradient=skip). Under `error`, the first
     batch with an unusable gradient stops the pass."""
-    parts = _split_parts(split, cfg.grads.batch_size * BATCHES_PER_BLOCK)
     tables, bad = [], []
-    for batch in _gradient_pass(cfg, parts, adapter_dir, mode, actor):
+    for batch in _gradient_pass(cfg, split_rows(split), adapter_dir, mode, actor):
         if not batch.num_rows:
             continue
         found = checks.bad_samples(batch["sample_id"].to_pylist(), batch["problem"].to_pylist())

@@ -5,14 +5,16 @@ import torch
 
 from gs_ray.config import load_config
 from gs_ray.data.batches import IGNORE_INDEX, pad_batch
+from gs_ray.data.prepare import end_of_turn_ids
 from gs_ray.gradientspace.grads import (
     PerSampleGradients,
     batched_backward,
     gradient_block,
     gradient_blocks,
     reference_gradients,
+    select_target_tokens,
 )
-from gs_ray.modeling.models import attach_lora, load_base_model, lora_parameters, save_adapter
+from gs_ray.modeling.models import attach_lora, load_base_model, load_tokenizer, lora_parameters, save_adapter
 
 # Lengths differ so every row but one is padded; prompts of different length too.
 LENGTHS = [(5, 9), (12, 3), (2, 20), (30, 1), (7, 7)]
@@ -97,3 +99,44 @@ def test_gradient_blocks_read_from_the_saved_adapter_follow_the_gradient_rows(ta
     assert set(expected) == {f"{module}.lora_{matrix}" for module in targets for matrix in "AB"}
     with pytest.raises(ValueError, match="not a LoRA A or B weight"):
         gradient_block("model.layers.0.self_attn.q_proj.weight")
+
+
+# ---------------------------------------------------------------- which target tokens count
+
+
+END = [7, 8]
+
+
+def _row(prompt: list[int], reply: list[int]) -> dict:
+    return {"input_ids": prompt + reply, "labels": [IGNORE_INDEX] * len(prompt) + reply}
+
+
+def test_end_tokens_keep_only_the_end_of_turn_and_complete_a_truncated_reply():
+    whole = select_target_tokens(_row([1, 2], [3, 4, *END]), "end", END)
+    assert whole["input_ids"] == [1, 2, 3, 4, 7, 8]
+    assert whole["labels"] == [IGNORE_INDEX] * 4 + END
+    truncated = select_target_tokens(_row([1, 2], [3, 4]), "end", END)  # cut before its end of turn
+    assert truncated["input_ids"] == [1, 2, 3, 4, 7, 8] and truncated["labels"] == [IGNORE_INDEX] * 4 + END
+
+
+def test_answer_tokens_drop_the_end_of_turn_and_all_keeps_the_row():
+    row = _row([1], [3, 4, *END])
+    assert select_target_tokens(row, "answer", END)["labels"] == [IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX]
+    assert select_target_tokens(row, "all", END) is row
+    only_end = _row([1], END)  # nothing but the end of turn: keep it rather than leave no target
+    assert select_target_tokens(only_end, "answer", END)["labels"] == only_end["labels"]
+
+
+def test_end_of_turn_of_the_chat_template():
+    tokenizer = load_tokenizer(load_config("tiny").model)
+    assert tokenizer.decode(end_of_turn_ids(tokenizer)) == "<|im_end|>\n"
+
+
+def test_end_token_gradient_matches_the_loop_on_those_tokens():
+    """The selection only moves labels, so the batched gradient still equals the one-sample loop on them."""
+    model = _trained_lora(["q_proj", "v_proj"])
+    rows = [_row([5, 6, 9], [10, 11, *END]), _row([5], [12, *END]), _row([9, 9], [13, 14, 15])]
+    batch = pad_batch([select_target_tokens(row, "end", END) for row in rows], 0)
+    gradients = PerSampleGradients(model)(batch)
+    torch.testing.assert_close(gradients, reference_gradients(model, batch), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(gradients, PerSampleGradients(model)(pad_batch(rows[:2] + rows[2:], 0)))
