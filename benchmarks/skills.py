@@ -133,7 +133,9 @@ def score_set(cfg: Config, family: str, seed: int, truth: dict[str, dict], manif
         "random_projection": spherical_kmeans(projected, k_true, KMEANS_RESTARTS, seed)[0],
     }
     return {"figure": "set", "family": family, "seed": seed, "k_true": k_true, "k_chosen": k_chosen,
-            "k_rule": manifests["cluster"]["summary"]["k_rule"], "samples": len(ids), "dim": int(grads.shape[1]),
+            "k_rule": manifests["cluster"]["summary"]["k_rule"],
+            "k_candidates": manifests["cluster"]["summary"].get("k_candidates", {}),
+            "samples": len(ids), "dim": int(grads.shape[1]),
             "methods": {name: scores(clusters, ids, truth) for name, clusters in methods.items()}}
 
 
@@ -162,15 +164,17 @@ def spread(values: list[float]) -> dict:
 def family_line(family: str, sets: list[dict]) -> dict:
     methods = sets[0]["methods"]
     return {"figure": "family", "family": family, "seeds": [s["seed"] for s in sets], "k_true": sets[0]["k_true"],
-            "k_chosen": [s["k_chosen"] for s in sets],
+            "k_chosen": [s["k_chosen"] for s in sets], "k_candidates": [s["k_candidates"] for s in sets],
             "nmi_vs_skill": {m: spread([s["methods"][m]["skill"]["nmi"] for s in sets]) for m in methods},
             "nmi_vs_topic": {m: spread([s["methods"][m]["topic"]["nmi"] for s in sets]) for m in methods}}
 
 
 def summary_line(sets: list[dict]) -> dict:
     nmi = lambda s, m: s["methods"][m]["skill"]["nmi"]  # noqa: E731
+    rules = sorted({rule for s in sets for rule in s["k_candidates"]})
     return {"figure": "summary", "sets": len(sets),
             "k_hits": sum(s["k_chosen"] == s["k_true"] for s in sets),
+            "k_hits_per_rule": {rule: sum(s["k_candidates"].get(rule) == s["k_true"] for s in sets) for rule in rules},
             "k_off_by_more_than_one": sum(abs(s["k_chosen"] - s["k_true"]) > 1 for s in sets),
             "online_minus_offline_nmi": spread([nmi(s, "gradientspace") - nmi(s, "offline") for s in sets]),
             "gradientspace_minus_minilm_nmi": spread([nmi(s, "gradientspace") - nmi(s, "minilm") for s in sets]),

@@ -191,11 +191,15 @@ class ClusterConfig:
     """Stage II: online clustering of normalized gradients."""
 
     k: int = 0
-    """Number of clusters; 0 chooses K from the largest relative singular-value gap."""
+    """Number of clusters; 0 chooses K by k_rule on the validation gradients."""
+    k_rule: str = "silhouette"
+    """How K is chosen when k = 0: `silhouette` (spherical k-means at each K, the best mean cosine silhouette),
+    `eigengap` (normalized Laplacian of the cosine affinity) or `gap` (largest relative singular-value gap). The
+    cluster stage records every rule's choice in spectrum.json; benchmarks/RESULTS.md gives their hit rates."""
     k_min: int = 2
-    """Smallest K the gap rule may choose."""
+    """Smallest K the rule may choose."""
     k_max: int = 16
-    """Largest K the gap rule may choose."""
+    """Largest K the rule may choose."""
     cache_size: int = 32
     """Gradients cached per cluster before its centroid moves (C)."""
     ema_beta: float = 0.1
@@ -217,6 +221,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _check(self.k == 0 or self.k >= 2, "cluster.k", f"must be 0 (automatic) or >= 2, got {self.k}")
+        _check_choice(self.k_rule, ("gap", "silhouette", "eigengap"), "cluster.k_rule")
         _check(2 <= self.k_min <= self.k_max, "cluster.k_min", f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         _check(self.cache_size >= 2, "cluster.cache_size", f"must be >= 2, got {self.cache_size}")
         _check(0 < self.ema_beta <= 1, "cluster.ema_beta", f"must be in (0, 1], got {self.ema_beta}")

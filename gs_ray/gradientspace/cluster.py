@@ -2,7 +2,7 @@
 
 1. Features: u = g / ||g||; with centering, u' = normalize(u - mean), mean = mean validation u.
 2. Spectrum of the m x d validation features through the m x m Gram matrix (never d x d);
-   K = the largest relative singular-value gap (`choose_k`) unless cluster.k fixes it.
+   K by cluster.k_rule (gs_ray.gradientspace.k_rules) unless cluster.k fixes it.
 3. Initial centroids: k-means (k-means++, cosine) on the row-normalized coordinates P s of the
    Gram eigendecomposition, the top K or all m of them (spherical k-means on the full-d
    features; `cluster.init_coordinates`); c_k = normalized mean of its members' features.
@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from gs_ray.config import ClusterConfig
 from gs_ray.core.errors import GsRayError
+from gs_ray.gradientspace import k_rules
 
 logger = logging.getLogger(__name__)
 
@@ -106,23 +106,6 @@ def spectrum_from_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def singular_spectrum(features) -> tuple[np.ndarray, np.ndarray]:
     """Singular values (descending, length m) and left singular vectors (m x m) of an m x d matrix."""
     return spectrum_from_gram(gram_matrix(features))
-
-
-def choose_k(singular_values, k_min: int, k_max: int, centered: bool) -> tuple[int, list[float]]:
-    """K at the largest relative gap (s_j - s_{j+1}) / s_j, searched over j (1-based).
-
-    Centered: K clusters span K - 1 directions, so K = j* + 1 with j in [k_min - 1, k_max - 1].
-    Uncentered: K = j* with j in [k_min, k_max]. K is clipped to m - 1 (m = len(spectrum)).
-    """
-    s = np.asarray(singular_values, dtype=np.float64)
-    offset = 1 if centered else 0
-    k_high = min(k_max, len(s) - 1)
-    if k_high < k_min:
-        raise ClusterError(f"choosing K in [{k_min}, {k_max}] needs more than {k_min} validation rows, got {len(s)}")
-    js = np.arange(k_min - offset, k_high - offset + 1)
-    top, below = s[js - 1], s[js]
-    gaps = np.where(top > 0, (top - below) / np.where(top > 0, top, 1.0), 0.0)
-    return int(js[int(np.argmax(gaps))] + offset), [float(gap) for gap in gaps]
 
 
 def top_singular_vector(rows: np.ndarray) -> np.ndarray:
@@ -237,14 +220,18 @@ class OnlineSVDClusterer:
         gram = gram_matrix(grads)
         _require_finite(np.diag(gram)[:, None], "validation gradients")
         transform, mean_weights = _validation_transform(gram, self.cfg.center)
-        singular_values, vectors = spectrum_from_gram(transform @ gram @ transform.T)
-        if self.cfg.k > 0:
-            k, gaps, rule = self.cfg.k, [], "cluster.k"
-        else:
-            k, gaps = choose_k(singular_values, self.cfg.k_min, self.cfg.k_max, self.cfg.center)
-            rule = "largest relative gap, K = j + 1 (centered)" if self.cfg.center else "largest relative gap, K = j"
+        cosines = transform @ gram @ transform.T
+        singular_values, vectors = spectrum_from_gram(cosines)
+        coordinates = vectors * singular_values  # same inner products as the m features: spherical k-means on these
+        members = np.flatnonzero(np.linalg.norm(coordinates, axis=1) > ZERO_NORM)
+        candidates = self._k_candidates(singular_values, coordinates[members], cosines[np.ix_(members, members)])
+        k = self.cfg.k or candidates["k"][self.cfg.k_rule]
+        rule = "cluster.k" if self.cfg.k else f"cluster.k_rule={self.cfg.k_rule}"
         rank = k if self.cfg.init_coordinates == "top_k" else len(singular_values)
-        labels, members = self._initial_labels(vectors[:, :rank] * singular_values[:rank], k)
+        found = candidates.pop("labels")
+        labels = found[k] if rank == len(singular_values) and k in found else None
+        labels, members = self._initial_labels(coordinates[:, :rank], k, labels)
+        gaps = candidates["gap"]
         onehot = np.zeros((k, m))
         onehot[labels, members] = 1.0
         combined = _combine_rows(np.vstack([mean_weights[None, :], onehot @ transform]), grads)
@@ -254,15 +241,35 @@ class OnlineSVDClusterer:
         self.updates = np.zeros(k, dtype=np.int64)
         self.singular_values, self.gaps = singular_values, np.asarray(gaps, dtype=np.float64)
         self.caches = ClusterCaches(k, self.cfg.cache_size, dim)
-        return {"k": k, "singular_values": singular_values, "gaps": list(gaps), "k_rule": rule}
+        return {"k": k, "singular_values": singular_values, "gaps": list(gaps), "k_rule": rule,
+                "k_candidates": candidates["k"], "silhouette": candidates["silhouette"],
+                "eigengaps": candidates["eigengap"]}
 
-    def _initial_labels(self, coordinates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k-means (k-means++, cosine via row normalization) on the rows that have a direction."""
+    def _k_candidates(self, singular_values: np.ndarray, coordinates: np.ndarray, cosines: np.ndarray) -> dict:
+        """What each K rule picks on these validation features (all are recorded; cluster.k_rule's is used)."""
+        cfg = self.cfg
+        if len(coordinates) <= cfg.k_min:  # too few rows for any rule: only a fixed cluster.k can go on
+            if not cfg.k:
+                raise ClusterError(f"choosing K in [{cfg.k_min}, {cfg.k_max}] needs more than {cfg.k_min} validation "
+                                   f"rows with a gradient, got {len(coordinates)}")
+            return {"k": {}, "gap": [], "silhouette": {}, "eigengap": [], "labels": {}}
+        try:
+            gap_k, gaps = k_rules.relative_gap_k(singular_values, cfg.k_min, cfg.k_max, cfg.center)
+            silhouette_k, silhouettes, labels = k_rules.silhouette_k(coordinates, cfg.k_min, cfg.k_max, self.seed)
+            eigengap_k, eigengaps = k_rules.eigengap_k(cosines, cfg.k_min, cfg.k_max)
+        except k_rules.KRuleError as exc:
+            raise ClusterError(str(exc)) from exc
+        return {"k": {"gap": gap_k, "silhouette": silhouette_k, "eigengap": eigengap_k}, "gap": gaps,
+                "silhouette": silhouettes, "eigengap": eigengaps, "labels": labels}
+
+    def _initial_labels(self, coordinates: np.ndarray, k: int,
+                        labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k-means (k-means++, cosine via row normalization) on the rows that have a direction; `labels` if given."""
         members = np.flatnonzero(np.linalg.norm(coordinates, axis=1) > ZERO_NORM)
         if len(members) < k + 1:
             raise ClusterError(f"{k} clusters need at least {k + 1} validation rows with a gradient, got {len(members)}")
-        kmeans = KMeans(n_clusters=k, init="k-means++", n_init=KMEANS_N_INIT, random_state=self.seed)
-        labels = kmeans.fit_predict(_row_normalize(coordinates[members]))
+        if labels is None:
+            labels = k_rules.spherical_labels(coordinates[members], k, self.seed)
         empty = sorted(set(range(k)) - set(labels.tolist()))
         if empty:
             raise ClusterError(f"initial k-means left clusters {empty} empty; lower cluster.k or add validation rows")

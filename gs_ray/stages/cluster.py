@@ -62,7 +62,8 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
         for leftover in (checkpoint, *out_dir.glob(f".{ACTOR_CHECKPOINT}.tmp-*")):
             leftover.unlink(missing_ok=True)
     assignments = final
-    summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "val_samples": fit["val_samples"],
+    summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "k_candidates": fit["k_candidates"],
+                               "val_samples": fit["val_samples"],
                                "actor_resumed_from_version": resumed_from,
                                "bad_gradients": checks.summary(fit.get("bad", []) + bad_train + bad_eval)}
     if cfg.cluster.reassign:
@@ -77,7 +78,9 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
     )
     spectrum = {"k": fit["k"], "k_rule": fit["k_rule"], "centered": cfg.cluster.center,
                 "singular_values": [float(s) for s in fit["singular_values"]], "gaps": fit["gaps"],
-                "gap_index_offset": cfg.cluster.k_min - (1 if cfg.cluster.center else 0)}
+                "gap_index_offset": cfg.cluster.k_min - (1 if cfg.cluster.center else 0),
+                "k_candidates": fit["k_candidates"], "silhouette": {str(k): s for k, s in fit["silhouette"].items()},
+                "eigengaps": fit["eigengaps"]}
     (out_dir / layout.SPECTRUM_FILE).write_text(json.dumps(spectrum, indent=2))
     clusters = np.asarray(assignments["cluster"])
     summary |= {
