@@ -202,8 +202,12 @@ class ClusterConfig:
     """Largest K the rule may choose."""
     cache_size: int = 32
     """Gradients cached per cluster before its centroid moves (C)."""
+    update: str = "mean"
+    """How streamed samples move the centroids: `mean` (each filled cache's feature sum joins the cluster's running
+    sum: online spherical k-means), `ema` (the cache's top singular vector blended in with weight ema_beta, our first
+    reading of the paper) or `none` (the validation k-means centroids stay). benchmarks/RESULTS.md compares them."""
     ema_beta: float = 0.1
-    """Weight of the cache's top singular vector in the centroid update."""
+    """Weight of the cache's top singular vector in the centroid update under update=ema."""
     reassign: bool = False
     """Second gradient pass assigning every sample against the final centroids."""
     center: bool = True
@@ -222,6 +226,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _check(self.k == 0 or self.k >= 2, "cluster.k", f"must be 0 (automatic) or >= 2, got {self.k}")
         _check_choice(self.k_rule, ("gap", "silhouette", "eigengap"), "cluster.k_rule")
+        _check_choice(self.update, ("ema", "mean", "none"), "cluster.update")
         _check(2 <= self.k_min <= self.k_max, "cluster.k_min", f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         _check(self.cache_size >= 2, "cluster.cache_size", f"must be >= 2, got {self.cache_size}")
         _check(0 < self.ema_beta <= 1, "cluster.ema_beta", f"must be in (0, 1], got {self.ema_beta}")

@@ -126,8 +126,8 @@ class ClusterCaches:
     the clusters seen, at most K C d.
     """
 
-    def __init__(self, k: int, cache_size: int, dim: int):
-        self.cache_size, self.dim = cache_size, dim
+    def __init__(self, k: int, cache_size: int, dim: int, update: str = "ema"):
+        self.cache_size, self.dim, self.update = cache_size, dim, update
         self.buffers: dict[int, np.ndarray] = {}
         self.counts = np.zeros(k, dtype=np.int64)
 
@@ -141,7 +141,8 @@ class ClusterCaches:
             buffer[self.counts[k]] = row
             self.counts[k] += 1
             if self.counts[k] == self.cache_size:
-                summaries.append((k, top_singular_vector(buffer)))
+                summary = top_singular_vector(buffer) if self.update == "ema" else buffer.sum(axis=0)
+                summaries.append((k, summary))
                 self.counts[k] = 0
         return summaries
 
@@ -158,6 +159,13 @@ class ClusterCaches:
             if count:
                 self.add(np.full(count, k), rows[start : start + count])
                 start += count
+
+
+UPDATES = ("ema", "mean", "none")
+"""How streamed samples move the centroids (cluster.update): `ema`, each filled cache's top singular vector
+blended in with weight beta; `mean`, each filled cache's feature sum added to the cluster's running sum (the
+validation members' sum to start), the centroid its direction (online spherical k-means); `none`, the centroids
+stay those of the validation k-means."""
 
 
 def _validation_transform(gram: np.ndarray, center: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +204,7 @@ def nearest_centroids(features: np.ndarray, centroids: np.ndarray) -> tuple[np.n
 
 
 class OnlineSVDClusterer:
-    """Initial centroids from the validation spectrum, then EMA updates from cache top singular vectors."""
+    """K and initial centroids from the validation features, then streamed updates by cluster.update."""
 
     def __init__(self, cfg: ClusterConfig, seed: int = 0):
         self.cfg = cfg
@@ -209,6 +217,7 @@ class OnlineSVDClusterer:
         self.updates = np.zeros(0, dtype=np.int64)
         self.singular_values = np.zeros(0)
         self.gaps = np.zeros(0)
+        self.sums = np.zeros((0, 0))
         self.caches: ClusterCaches | None = None
 
     def fit_validation(self, grads) -> dict:
@@ -238,9 +247,10 @@ class OnlineSVDClusterer:
         self.k, self.dim, self.version = k, dim, 0
         self.features = GradientFeatures(combined[0].astype(FEATURE_DTYPE) if self.cfg.center else None)
         self.centroids = _row_normalize(combined[1:]).astype(FEATURE_DTYPE)
+        self.sums = combined[1:]  # the members' feature sums: where update=mean's running sums start
         self.updates = np.zeros(k, dtype=np.int64)
         self.singular_values, self.gaps = singular_values, np.asarray(gaps, dtype=np.float64)
-        self.caches = ClusterCaches(k, self.cfg.cache_size, dim)
+        self.caches = ClusterCaches(k, self.cfg.cache_size, dim, self.cfg.update)
         return {"k": k, "singular_values": singular_values, "gaps": list(gaps), "k_rule": rule,
                 "k_candidates": candidates["k"], "silhouette": candidates["silhouette"],
                 "eigengaps": candidates["eigengap"]}
@@ -290,16 +300,21 @@ class OnlineSVDClusterer:
         return self.assign_features(self.features(_as_matrix(grads, self.dim)))
 
     def apply_summary(self, k: int, v: np.ndarray) -> None:
-        """EMA: sign v towards c_k, c_k <- normalize((1 - beta) c_k + beta v)."""
+        """A filled cache's summary: under `ema`, v signed towards c_k, c_k <- normalize((1 - beta) c_k + beta v);
+        under `mean`, the running sum of cluster k grows by v (a sum of features) and c_k is its direction."""
         self._check_fitted()
         v = np.asarray(v, dtype=FEATURE_DTYPE)
         if v.shape != (self.dim,):
             raise ClusterError(f"summary dimension {v.shape} does not match the clusterer's dimension {self.dim}")
         _require_finite(v[None, :], f"the summary of cluster {k}")
-        if float(v @ self.centroids[k]) < 0:
-            v = -v
-        beta = FEATURE_DTYPE(self.cfg.ema_beta)
-        self.centroids[k] = _row_normalize(((1 - beta) * self.centroids[k] + beta * v)[None, :])[0]
+        if self.cfg.update == "mean":
+            self.sums[k] += v
+            self.centroids[k] = _row_normalize(self.sums[k : k + 1])[0].astype(FEATURE_DTYPE)
+        else:
+            if float(v @ self.centroids[k]) < 0:
+                v = -v
+            beta = FEATURE_DTYPE(self.cfg.ema_beta)
+            self.centroids[k] = _row_normalize(((1 - beta) * self.centroids[k] + beta * v)[None, :])[0]
         self.version += 1
         self.updates[k] += 1
 
@@ -314,6 +329,8 @@ class OnlineSVDClusterer:
         for i in range(len(features)):
             row = features[i : i + 1]
             (clusters[i],), (similarities[i],) = self.assign_features(row)
+            if self.cfg.update == "none":
+                continue
             for k, v in self.caches.add(clusters[i : i + 1], row):
                 self.apply_summary(k, v)
         return clusters, similarities
@@ -329,6 +346,7 @@ class OnlineSVDClusterer:
             "mean": np.zeros(self.dim, FEATURE_DTYPE) if mean is None else mean.copy(),
             "singular_values": self.singular_values.copy(), "gaps": self.gaps.copy(),
             "cache_rows": self.caches.filled_rows(), "cache_counts": self.caches.counts.copy(),
+            "sums": self.sums.copy(),
         }
 
     def load_state_dict(self, state) -> None:
@@ -343,5 +361,6 @@ class OnlineSVDClusterer:
         self.features = GradientFeatures(np.array(state["mean"]) if int(state["centered"]) else None)
         self.singular_values = np.array(state["singular_values"], dtype=np.float64)
         self.gaps = np.array(state["gaps"], dtype=np.float64)
-        self.caches = ClusterCaches(self.k, self.cfg.cache_size, self.dim)
+        self.sums = np.array(state["sums"], dtype=np.float64)
+        self.caches = ClusterCaches(self.k, self.cfg.cache_size, self.dim, self.cfg.update)
         self.caches.restore(np.asarray(state["cache_rows"], dtype=FEATURE_DTYPE), counts)

@@ -83,7 +83,7 @@ class GradientWorker:
         if self.tokens == "end" and not self.end_ids:
             raise ConfigError(f"grads.tokens=end: the chat template of {cfg.model.name!r} puts no end-of-turn text after "
                               "a reply; use grads.tokens=answer or all")
-        self.mode, self.actor, self.cache_size = mode, actor, cfg.cluster.cache_size
+        self.mode, self.actor, self.cache_size, self.update = mode, actor, cfg.cluster.cache_size, cfg.cluster.update
         self.version: VersionToken | None = None
         self.centroids: np.ndarray | None = None
         self.features: GradientFeatures | None = None
@@ -95,7 +95,7 @@ class GradientWorker:
         if self.centroids is None:
             self.centroids = np.stack([changed[k] for k in sorted(changed)])
             self.features = GradientFeatures(mean)
-            self.caches = ClusterCaches(len(self.centroids), self.cache_size, self.centroids.shape[1])
+            self.caches = ClusterCaches(len(self.centroids), self.cache_size, self.centroids.shape[1], self.update)
         for k, row in changed.items():
             self.centroids[k] = row
         self.version = version
@@ -118,7 +118,7 @@ class GradientWorker:
         similarity = np.full(len(grads), np.nan, dtype=np.float32)
         features = self.features(grads[usable])
         clusters[usable], similarity[usable] = nearest_centroids(features, self.centroids)
-        if self.mode == "stream":
+        if self.mode == "stream" and self.update != "none":
             summaries = self.caches.add(clusters[usable], features)
             if summaries:  # waited for, so this worker's next refresh sees its own updates
                 ray.get(self.actor.apply_summaries.remote(summaries))

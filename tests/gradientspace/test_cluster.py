@@ -1,6 +1,7 @@
 """The online SVD clustering math on synthetic planted gradients (numpy only: no Ray, no model)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -179,14 +180,18 @@ def test_caches_emit_one_summary_per_full_cache_in_order():
         assert caches.counts[k] == np.sum(clusters == k) % 4
 
 
-def test_remote_worker_reduces_to_partial_fit(small):
+@pytest.mark.parametrize("update", ["ema", "mean"])
+def test_remote_worker_reduces_to_partial_fit(small, update):
     fitted, rows, _ = small
+    fitted = copy.deepcopy(fitted)
+    fitted.cfg = dataclasses.replace(fitted.cfg, update=update)
+    fitted.load_state_dict(fitted.state_dict())  # caches that summarize the way `update` needs
     reference = copy.deepcopy(fitted)
     expected_clusters, expected_similarities = reference.partial_fit(rows)
     central = copy.deepcopy(fitted)
     worker = OnlineSVDClusterer(central.cfg)
     worker.load_state_dict(central.state_dict())  # the worker's own copy of centroids and mean
-    caches = ClusterCaches(central.k, central.cfg.cache_size, central.dim)
+    caches = ClusterCaches(central.k, central.cfg.cache_size, central.dim, update)
     clusters, similarities = [], []
     for i in range(len(rows)):
         features = worker.features(rows[i : i + 1])
@@ -223,6 +228,7 @@ def test_state_round_trip_through_npz_resumes_identically(small, tmp_path):
 
 def test_ema_update_moves_towards_v_keeps_unit_norm_and_handles_sign(small):
     clusterer = copy.deepcopy(small[0])
+    clusterer.cfg = dataclasses.replace(clusterer.cfg, update="ema")
     old = clusterer.centroids[1].copy()
     v = np.random.default_rng(4).standard_normal(clusterer.dim).astype(np.float32)
     v /= np.linalg.norm(v)
@@ -273,3 +279,29 @@ def test_streaming_ten_times_more_rows_keeps_state_size(small):
         assert len(state["cache_rows"]) == int(state["cache_counts"].sum()) < k * cache
         assert sum(buffer.nbytes for buffer in clusterer.caches.buffers.values()) <= k * cache * dim * 4
     assert clusterer.version >= (7 + 13 + 29 + 60 + 3 + 41 + 17 + 60 + 11 + 23) // (k * cache)
+
+
+def test_mean_update_keeps_the_running_sum_of_every_filled_cache(small):
+    """update=mean: each centroid is the direction of its validation members' sum plus every filled cache's sum."""
+    fitted, rows, _ = small
+    clusterer = OnlineSVDClusterer(ClusterConfig(k=3, cache_size=4, max_val_samples=100, update="mean"), seed=0)
+    clusterer.load_state_dict(fitted.state_dict() | {"sums": fitted.sums})
+    start = clusterer.sums.copy()
+    clusters, _ = clusterer.partial_fit(rows[:200])
+    features = clusterer.features(rows[:200])
+    for k in range(3):
+        members = features[clusters == k]
+        filled = (len(members) // 4) * 4  # rows still in the cache have not moved the centroid yet
+        expected = start[k] + members[:filled].astype(np.float64).sum(axis=0)
+        np.testing.assert_allclose(clusterer.centroids[k], expected / np.linalg.norm(expected), atol=1e-5)
+        assert clusterer.updates[k] == filled // 4
+
+
+def test_update_none_leaves_the_validation_centroids(small):
+    fitted, rows, labels = small
+    clusterer = OnlineSVDClusterer(ClusterConfig(k=3, cache_size=4, max_val_samples=100, update="none"), seed=0)
+    clusterer.load_state_dict(fitted.state_dict())
+    before = clusterer.centroids.copy()
+    clusters, _ = clusterer.partial_fit(rows)
+    np.testing.assert_array_equal(clusterer.centroids, before)
+    assert clusterer.version == 0 and adjusted_rand_score(labels, clusters) >= 0.95
