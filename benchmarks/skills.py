@@ -54,7 +54,7 @@ PROJECTION_DIM = 8192
 KMEANS_RESTARTS = 10
 LOCAL_RAY_CPUS = 4
 """Logical CPUs of the local Ray: the warm-up's Train worker and the gradient actors on 2 cores."""
-SPLIT_OVERRIDES = ("data.id_column=id", "data.label_column=skill", "data.warmup_fraction=0.25",
+SPLIT_OVERRIDES = ("data.id_column=id", "data.label_column=skill", "data.sample_fraction=1", "data.warmup_fraction=0.25",
                    "data.val_fraction=0.25", "data.eval_fraction=0.05")
 """A quarter of each mix warms up, a quarter chooses K and the initial centroids, the rest is clustered."""
 QUICK_OVERRIDES = ("warmup.max_steps=6",)

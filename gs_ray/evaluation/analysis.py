@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from gs_ray.config import Config
 from gs_ray.core import layout
 from gs_ray.core.errors import DataError
+from gs_ray.core.rundir import RunDir
 from gs_ray.data.batches import load_split
 from gs_ray.gradientspace.cluster import gram_matrix
 from gs_ray.gradientspace.grads import gradient_blocks
@@ -124,7 +125,7 @@ def load_analysis(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, list]]
     return load_file(str(folder / GRAM_FILE)), pq.read_table(folder / ROWS_FILE).to_pydict()
 
 
-def build_analysis(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
+def build_analysis(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     """The analysis stage: gradients of the train and eval splits -> Gram matrix, projections, row table."""
     from safetensors.numpy import save_file
 

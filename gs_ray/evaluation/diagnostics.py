@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from gs_ray.config import Config
 from gs_ray.core import layout
+from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.analysis import cosine_matrix, load_analysis, variance_ratio
 from gs_ray.evaluation.baselines import BASELINE_METHODS, EMBEDDING, FEATURES_FILE, BaselineRun
 from gs_ray.gradientspace.metrics import label_agreement
@@ -36,14 +37,14 @@ TOP_COMPONENTS = 5
 """Principal components of the unit training gradients whose variance shares the diagnostics report."""
 
 
-def _train_clusterings(run: Any) -> dict[str, pa.Table]:
+def _train_clusterings(run: RunDir) -> dict[str, pa.Table]:
     runs = {"gradientspace": run} | {name: BaselineRun(run, name) for name in BASELINE_METHODS}
     return {name: pq.read_table(found.stage_dir("cluster") / layout.ASSIGNMENTS_FILE, columns=["sample_id", "cluster",
                                                                                               "label"])
             for name, found in runs.items()}
 
 
-def clustering_diagnostics(cfg: Config, run: Any, out_dir: Path) -> dict[str, Any]:
+def clustering_diagnostics(cfg: Config, run: RunDir, out_dir: Path) -> dict[str, Any]:
     """Agreement and variance ratios per clustering, and the cosine-pair summary (pairs written to out_dir)."""
 
     arrays, rows = load_analysis(run.stage_dir("analysis"))
@@ -95,7 +96,7 @@ def component_shares(cosines: np.ndarray, count: int) -> list[float]:
     return [float(value / total) for value in eigenvalues[:count]] if total > 0 else []
 
 
-def _embedding_features(run: Any, ids: list[str]) -> np.ndarray:
+def _embedding_features(run: RunDir, ids: list[str]) -> np.ndarray:
     """The embedding baseline's request embeddings of `ids`, in that order."""
     from safetensors.numpy import load_file
 

@@ -24,6 +24,7 @@ from gs_ray.config import Config
 from gs_ray.core import layout
 from gs_ray.core.errors import DataError
 from gs_ray.core.layout import ANSWERS_FILE, EVALUATION_FILE, EXPERTS_FILE, SINGLE_LORA
+from gs_ray.core.rundir import RunDir
 from gs_ray.data.batches import load_split
 from gs_ray.evaluation.baselines import BaselineRun
 from gs_ray.evaluation.diagnostics import clustering_diagnostics
@@ -52,7 +53,7 @@ def experts_total_steps(experts: dict[str, Any]) -> int:
     return sum(e["steps"] for e in experts["experts"])
 
 
-def train_single_lora(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
+def train_single_lora(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     """The baseline through the same loop as warm-up and experts: all training samples, the experts' total steps."""
 
     data_dir = run.stage_dir("data")
@@ -71,7 +72,7 @@ def train_single_lora(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
     return {key: metrics.get(key) for key in SUMMARY_KEYS}
 
 
-def routing(run: Any, rows: list[dict], prefix: str) -> dict[str, Any]:
+def routing(run: RunDir, rows: list[dict], prefix: str) -> dict[str, Any]:
     """A clustering's experts for held-out rows: adapter paths, the router's pick and probabilities, each row's own expert."""
 
     record = json.loads((run.stage_dir("experts") / EXPERTS_FILE).read_text())
@@ -142,7 +143,7 @@ def checkable_rows(rows: list[dict], limit: int) -> list[int]:
     return [i for i, row in enumerate(rows) if reference_answer(row["response"]) is not None][:limit]
 
 
-def evaluate_run(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
+def evaluate_run(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     """Every method on the held-out split, the clustering diagnostics; write evaluation.json and answers.jsonl."""
     import ray
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from gs_ray.config import Config
 from gs_ray.core import layout
 from gs_ray.core.layout import EVALUATION_FILE, SINGLE_LORA
+from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.analysis import cosine_matrix, load_analysis, pca_2d
 from gs_ray.evaluation.baselines import BASELINE_METHODS, BaselineRun
 from gs_ray.evaluation.diagnostics import PAIRS_FILE
@@ -109,7 +110,7 @@ def _assignments(folder: Path) -> tuple[np.ndarray, list]:
     return np.asarray(table["cluster"]), table["label"].to_pylist()
 
 
-def _plot_all(run: Any, evaluation: dict[str, Any], out: Path) -> list[str]:
+def _plot_all(run: RunDir, evaluation: dict[str, Any], out: Path) -> list[str]:
     spectrum = json.loads((run.stage_dir("cluster") / layout.SPECTRUM_FILE).read_text())
     offset = spectrum["gap_index_offset"]
     report.plot_spectrum(spectrum["singular_values"], {offset + i: g for i, g in enumerate(spectrum["gaps"])},
@@ -141,7 +142,7 @@ def _plot_all(run: Any, evaluation: dict[str, Any], out: Path) -> list[str]:
     return [*plots, "curves", "pairs"]
 
 
-def _curves(runs: dict[str, Any], run: Any) -> dict[str, list]:
+def _curves(runs: dict[str, RunDir], run: RunDir) -> dict[str, list]:
     """Loss curves of every expert of every clustering, and of the one-LoRA baseline."""
 
     curves = {}
@@ -203,7 +204,7 @@ def render(cfg: Config, evaluation: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(cfg: Config, run: Any, staging: Path) -> dict[str, Any]:
+def build_report(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     """Write report.md and its PNGs into the staging folder."""
 
     evaluation = json.loads((run.stage_dir("evaluate") / EVALUATION_FILE).read_text())
