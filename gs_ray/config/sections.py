@@ -214,9 +214,9 @@ class ClusterConfig:
     """Subtract the mean validation gradient direction before normalizing (removes the direction all samples share)."""
     max_val_samples: int = 512
     """Validation gradients used to choose K and initialise centroids (m; the Gram matrix is m x m)."""
-    init_coordinates: str = "top_k"
-    """Initial k-means on the `top_k` singular coordinates (DESIGN.md step 3) or on `all` m of them (spherical
-    k-means on the full-d validation features): `all` did better from about 100 validation rows, worse at 50."""
+    init_coordinates: str = "all"
+    """Initial k-means on `all` m singular coordinates (spherical k-means on the full-d validation features, which the
+    K rules use too) or on the `top_k` (DESIGN.md step 3's first reading). benchmarks/RESULTS.md compares them."""
     checkpoint_every: int = 8
     """Cache summaries applied between saves of the clustering actor's state (a killed actor resumes from the last)."""
     on_bad_gradient: str = "error"
