@@ -33,7 +33,13 @@ from gs_ray.config import Config, describe, load_config, preset_names
 from gs_ray.core.errors import GsRayError
 from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.stages import describe_stage, run_evaluation
-from gs_ray.serving.app import API_KEY_ENV, finished_run_experts, load_run_config, start
+from gs_ray.serving.app import (
+    API_KEY_ENV,
+    finished_run_experts,
+    load_run_config,
+    require_authentication,
+    start,
+)
 from gs_ray.serving.client import ServeRequestError, chat, describe_answer
 from gs_ray.stages.pipeline import RUN_LAST_STAGE, STAGES, run_stages
 
@@ -193,7 +199,9 @@ def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
 def serve_run(args: argparse.Namespace, run_dir: str) -> int:
     """`gs-ray serve`: deploy the run, then answer one request (--once) or wait for Ctrl-C."""
     cfg = load_run_config(run_dir, args.config, list(args.overrides))
-    finished_run_experts(cfg.run.run_dir)  # a clear error before any Ray process starts
+    # Clear errors before any Ray process starts: a reachable address without an API key, an unfinished run.
+    require_authentication(cfg.serve.host, cfg.serve.allow_unauthenticated)
+    finished_run_experts(cfg.run.run_dir)
     _init_ray(cfg)
     url = start(cfg, quiet=args.once is not None)
     print(f"[serve] {url} serves {cfg.run.run_dir} (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
