@@ -10,7 +10,12 @@ import contextlib
 import http.client
 import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -764,3 +769,87 @@ def test_soak_has_no_errors_and_expert_memory_stays_flat(served, record_property
     assert after.keys() == before.keys()  # no replica died and came back
     assert max(growth.values()) <= MAX_RSS_GROWTH, growth
 
+
+
+# ---------------------------------------------------------------- stopping `gs-ray serve`
+
+SERVE_READY_S, SERVE_STOP_S, PROCESSES_GONE_S = 600, 120, 10
+"""Longest waits for `gs-ray serve` to be ready (a fresh Ray and Serve on a busy 2-core machine), to exit after
+SIGTERM, and then for the last of its processes to be gone."""
+READY_LINE = "[serve] Ctrl-C to stop"
+RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
+"""A Ray session's name, as its processes' command lines carry it (the session directory)."""
+
+
+def _running(process) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _processes_of(server_pid: int, started: list, sessions: set[str]) -> list:
+    """Live processes of a command: those it had started (by pid and start time), those in its OS session, and
+    those whose command line names its Ray session."""
+    import psutil
+
+    found = {process.pid: process for process in started if _running(process)}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid not in found and _running(process) and (
+                    os.getsid(process.pid) == server_pid or any(name in " ".join(process.cmdline()) for name in sessions)):
+                found[process.pid] = process
+    return list(found.values())
+
+
+def _describe(processes: list) -> list[str]:
+    import psutil
+
+    described = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{process.pid} {process.name()}: {' '.join(process.cmdline())[:120]}")
+    return described
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_gs_ray_serve_started(tiny_finished_run, tmp_path):
+    """Ray's DashboardAgent and RuntimeEnvAgent (children of the raylet) used to outlive a SIGTERMed `gs-ray serve`."""
+    import psutil
+
+    from gs_ray.serving.app import API_KEY_ENV
+
+    run_dir = tiny_finished_run[0].run.run_dir
+    # Its own local Ray (not the test session's), on loopback, so no API key is needed.
+    env = {**{k: v for k, v in os.environ.items() if k != API_KEY_ENV}, "RAY_ADDRESS": "local"}
+    command = [sys.executable, "-m", "gs_ray.cli", "serve", "--run-dir", str(run_dir), f"serve.port={_free_port()}",
+               "serve.router_num_cpus=0.5"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                  start_new_session=True)
+    started: list = []
+    try:
+        deadline = time.monotonic() + SERVE_READY_S
+        while READY_LINE not in log.read_text() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert READY_LINE in log.read_text(), log.read_text()[-3000:]
+        started = psutil.Process(server.pid).children(recursive=True)
+        sessions = {name for process in started if _running(process)
+                    for name in RAY_SESSION.findall(" ".join(process.cmdline()))}
+        assert sessions, _describe(started)
+        assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {p.name() for p in started if _running(p)}
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=SERVE_STOP_S) == 0, log.read_text()[-3000:]
+        deadline = time.monotonic() + PROCESSES_GONE_S
+        while (left := _processes_of(server.pid, started, sessions)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, _describe(left)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for process in _processes_of(server.pid, started, set()):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
