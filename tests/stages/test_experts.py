@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import FINISHED_RUN_OVERRIDES
 
 from gs_ray.config import ExpertsConfig
 from gs_ray.core.errors import ConfigError
 from gs_ray.core.rundir import RunDir
 from gs_ray.stages.experts import expert_steps, merge_small_clusters
 from gs_ray.train.loop import samples_digest
-
-from conftest import FINISHED_RUN_OVERRIDES
 
 
 def test_small_clusters_merge_into_their_nearest_neighbour():
@@ -189,7 +188,7 @@ def test_a_failed_expert_job_cancels_its_sibling_and_the_siblings_train_run(tiny
     run_stages(cfg, "cluster")
     # The warm-up's controller outlives its run in this process (Ray Train's SIGINT handler holds its handle).
     before = _alive_actors(*TRAIN_ACTORS)
-    started = lambda: _alive_actors(*TRAIN_ACTORS).keys() - before.keys()  # noqa: E731
+    started = lambda: _alive_actors(*TRAIN_ACTORS).keys() - before.keys()
     pool = ThreadPoolExecutor(max_workers=1)  # not a `with`: on a hang the test must fail, not wait for the thread
     try:
         stage = pool.submit(run_stages, cfg, "experts")

@@ -1,17 +1,16 @@
 """Stage I, the warm-up stage: what it refuses before any training job starts."""
 
 import pytest
+from conftest import WARM_RUN_OVERRIDES
 
 from gs_ray.config import load_config
 from gs_ray.core.errors import ModelError
 from gs_ray.stages.pipeline import run_stages
 
-from conftest import WARM_RUN_OVERRIDES
-
 
 def test_embedding_lora_stops_the_warmup_on_the_driver_naming_the_module(tiny_warm_run, monkeypatch):
     """PEFT's lora_embedding_A/B would be left out of every Stage II gradient: refused before any Train job."""
-    import gs_ray.stages.warmup as warmup
+    from gs_ray.stages import warmup
 
     def no_training(*args, **kwargs):
         raise AssertionError("a training job started")
