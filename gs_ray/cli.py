@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -33,7 +35,13 @@ from gs_ray.config import Config, describe, load_config, preset_names
 from gs_ray.core.errors import GsRayError
 from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.stages import describe_stage, run_evaluation
-from gs_ray.serving.app import API_KEY_ENV, finished_run_experts, load_run_config, start
+from gs_ray.serving.app import (
+    API_KEY_ENV,
+    finished_run_experts,
+    load_run_config,
+    require_authentication,
+    start,
+)
 from gs_ray.serving.client import ServeRequestError, chat, describe_answer
 from gs_ray.stages.pipeline import RUN_LAST_STAGE, STAGES, run_stages
 
@@ -161,11 +169,25 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def _init_ray(cfg: Config) -> None:
+def _init_ray(cfg: Config) -> bool:
+    """Connect to (or start) Ray unless it already runs in this process; whether this call did it."""
     if ray.is_initialized():  # called in-process (a notebook, a job script, a test)
-        return
+        return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, logging_level=logging.WARNING)
+    return True
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _on_sigterm(handler: object) -> object:
+    """Install a SIGTERM handler (main thread only: elsewhere Python cannot); return the one it replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, handler)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler set from C (Ray's)
 
 
 ARTIFACTS = {
@@ -191,14 +213,21 @@ def print_summary(cfg: Config, manifests: dict[str, dict]) -> None:
 
 
 def serve_run(args: argparse.Namespace, run_dir: str) -> int:
-    """`gs-ray serve`: deploy the run, then answer one request (--once) or wait for Ctrl-C."""
+    """`gs-ray serve`: deploy the run, then answer one request (--once) or wait for Ctrl-C or SIGTERM.
+
+    SIGTERM stops it as Ctrl-C does: Serve is shut down, then the Ray this command started, every process of it
+    (Ray's own C++ handler would end the driver at once and leave the raylet's agents running).
+    """
     cfg = load_run_config(run_dir, args.config, list(args.overrides))
-    finished_run_experts(cfg.run.run_dir)  # a clear error before any Ray process starts
-    _init_ray(cfg)
-    url = start(cfg, quiet=args.once is not None)
-    print(f"[serve] {url} serves {cfg.run.run_dir} (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
-          flush=True)
+    # Clear errors before any Ray process starts: a reachable address without an API key, an unfinished run.
+    require_authentication(cfg.serve.host, cfg.serve.allow_unauthenticated)
+    finished_run_experts(cfg.run.run_dir)
+    started_ray = _init_ray(cfg)
+    previous = _on_sigterm(_interrupt)  # after ray.init, which installs a handler of its own
     try:
+        url = start(cfg, quiet=args.once is not None)
+        print(f"[serve] {url} serves {cfg.run.run_dir} (POST /v1/chat/completions, /v1/completions; GET /v1/models)",
+              flush=True)
         if args.once is not None:
             print(f"question: {args.once}")
             print(describe_answer(chat(url, args.once, api_key=os.environ.get(API_KEY_ENV))), flush=True)
@@ -212,7 +241,14 @@ def serve_run(args: argparse.Namespace, run_dir: str) -> int:
         print(f"gs-ray: error: the request failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        serve.shutdown()
+        _on_sigterm(signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        try:
+            serve.shutdown()
+            if started_ray:
+                ray.shutdown()
+        finally:
+            if previous is not None:
+                _on_sigterm(previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,12 @@ class ServeConfig:
     """The Ray Serve application."""
 
     host: str = "127.0.0.1"
-    """Address the HTTP proxy binds to."""
+    """Address the HTTP proxy binds to. Any address but a loopback one (127.0.0.1, ::1, localhost) needs
+    GS_RAY_API_KEY set, or allow_unauthenticated."""
+    allow_unauthenticated: bool = False
+    """Serve without an API key on an address other machines can reach (serve.host, or the HTTP proxy of `serve
+    deploy` / KubeRay, which bind 0.0.0.0). Off: such a server refuses to start while GS_RAY_API_KEY is unset or
+    empty. Turn on only behind something else that authenticates (a gateway, a private network you trust)."""
     port: int = 8000
     """HTTP port."""
     num_replicas: int = 1

@@ -8,6 +8,10 @@ inputs and outputs, asks autograd for the gradient at those outputs (and nothing
 no weight gradient of any kind is formed), and contracts over tokens per sample with one
 batched matmul per matrix. Padding needs no mask: padded positions carry no loss, so
 their output gradient is zero. The loss of a sample is its mean over its target tokens.
+A LoRA linear called more than once per forward (a layer shared between positions of the
+network) contributes the sum over its calls, as autograd's own gradient does. LoRA on other
+layers (PEFT's `lora_embedding_A/B` on an embedding, convolutions) is refused: its weights
+are not linears this method can hook, and leaving them out would make every gradient wrong.
 
 `reference_gradients` is the batch-size-1 loop the batched path must equal; tests and
 benchmarks use it, the pipeline never does.
@@ -29,6 +33,8 @@ from gs_ray.modeling.models import ADAPTER_WEIGHTS, lora_parameters
 
 WEIGHT_SUFFIX = ".weight"
 _BLOCK = re.compile(r"\.(\w+)\.(lora_[AB])\.")
+_ANY_LORA = re.compile(r"^(.*)\.(lora_\w+)\.")
+"""Any LoRA tensor's module and kind: lora_A/lora_B, and also lora_embedding_A/B, lora_magnitude_vector, ..."""
 
 
 TOKEN_SELECTIONS = ("all", "answer", "end")
@@ -64,6 +70,13 @@ def per_sample_mean_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor])
 
 def _lora_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     """The nn.Linear behind every LoRA weight, in the order of `lora_parameters`."""
+    covered = {name for name, _ in lora_parameters(model)}
+    for name, _ in model.named_parameters():
+        found = _ANY_LORA.match(name)
+        if found and name not in covered:
+            raise ValueError(f"{found.group(1)} has LoRA weights ({found.group(2)}) that per-sample gradients cannot "
+                             "include: only LoRA on linear layers is supported (remove that module from "
+                             "lora.target_modules)")
     modules = dict(model.named_modules())
     linears = []
     for name, _ in lora_parameters(model):
@@ -122,12 +135,13 @@ class PerSampleGradients:
             module.weight.requires_grad_(True)
         self.device = next(model.parameters()).device
 
-    def _forward_capturing(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, tuple]]:
-        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def _forward_capturing(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, list]]:
+        """Per-sample losses and, per LoRA linear, the (input, output) of each of its calls in this forward."""
+        captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _ in self.linears}
 
         def keep(name: str) -> Callable:
             def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-                captured[name] = (inputs[0], output)
+                captured[name].append((inputs[0], output))
 
             return hook
 
@@ -145,15 +159,18 @@ class PerSampleGradients:
             losses, captured = self._forward_capturing(batch)
             # Samples are independent in the forward pass, so the gradient of the summed
             # loss at sample i's activations is the gradient of sample i's own loss.
-            outputs = [captured[name][1] for name, _ in self.linears]
-            output_grads = torch.autograd.grad(losses.sum(), outputs)
+            outputs = [output for name, _ in self.linears for _, output in captured[name]]
+            output_grads = iter(torch.autograd.grad(losses.sum(), outputs))
         pieces = []
         with torch.no_grad():
-            for (name, _), output_grad in zip(self.linears, output_grads):
-                layer_input = captured[name][0]
+            for name, module in self.linears:
+                # A weight used in several calls gets the sum of each call's gradient; one never called, zero.
                 # (batch, out, tokens) @ (batch, tokens, in) -> (batch, out, in), summed over tokens.
-                per_sample = torch.bmm(output_grad.float().transpose(1, 2), layer_input.float())
-                pieces.append(per_sample.flatten(1))
+                calls = [torch.bmm(next(output_grads).float().transpose(1, 2), layer_input.float()).flatten(1)
+                         for layer_input, _ in captured[name]]
+                if not calls:
+                    calls = [torch.zeros(len(losses), module.weight.numel(), device=losses.device)]
+                pieces.append(calls[0] if len(calls) == 1 else torch.stack(calls).sum(dim=0))
             return torch.cat(pieces, dim=1)
 
 

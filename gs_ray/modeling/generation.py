@@ -12,6 +12,9 @@ distribution. So the loop is written out here, on plain torch, and knows nothing
   disabled); a batch runs C components per step, each with its own KV cache, and mixes
   their log-probabilities with per-row weights: log sum_c w_c p_c. One component with
   weight 1 is ordinary decoding;
+- a request with a seed samples from its own random generator, seeded with it, so its reply
+  does not depend on the requests it shares a batch with: the same seed and prompt give the
+  same text (up to the last-bit differences of a different batch's float arithmetic);
 - text leaves through `TextStream`, which decodes incrementally, holds back a partial UTF-8
   character or a possible beginning of a stop string, and cuts the reply at a stop string.
 """
@@ -30,6 +33,8 @@ MIN_TEMPERATURE = 1e-5
 """Guards the division by temperature for sampled rows (temperature 0 means greedy)."""
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 """OpenAI finish reasons: end of turn or a stop string; max_tokens reached."""
+SEED_MODULUS = 2**64
+"""torch generators take seeds in [0, 2**64); a request's seed is taken modulo this."""
 
 
 @dataclass
@@ -47,6 +52,8 @@ class GenerationRequest:
     """Keep going past the end-of-turn token (benchmarks use it for fixed-length replies)."""
     mixture: tuple[float, ...] = ()
     """Weight of each component (ensemble: router probabilities); empty for one component."""
+    seed: int | None = None
+    """Seed of this request's own sampling generator; None samples from torch's global one."""
 
 
 @dataclass
@@ -107,8 +114,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 def sample(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row: argmax where temperature is 0, else nucleus sampling at that temperature."""
+           generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Next token per row: argmax where temperature is 0, else nucleus sampling at that temperature.
+
+    generators: one per row (None: torch's global generator); a row with its own draws only from it.
+    """
     greedy = logprobs.argmax(dim=-1)
     if bool((temperature == 0).all()):
         return greedy
@@ -120,7 +130,12 @@ def sample(logprobs: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tenso
     outside[:, 0] = False
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     nucleus = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    sampled = torch.multinomial(nucleus, 1, generator=generator).squeeze(-1)
+    if generators is None or all(generator is None for generator in generators):
+        sampled = torch.multinomial(nucleus, 1).squeeze(-1)
+    else:
+        sampled = greedy.clone()
+        for row in torch.nonzero(temperature > 0).flatten().tolist():
+            sampled[row] = torch.multinomial(nucleus[row], 1, generator=generators[row])[0]
     return torch.where(temperature == 0, greedy, sampled)
 
 
@@ -175,8 +190,13 @@ class Decoder:
         return Delta(text, reason, len(row.request.prompt_ids), row.generated)
 
     @torch.inference_mode()
-    def steps(self, requests: Sequence[GenerationRequest], components: Sequence[Component],
-              generator: torch.Generator | None = None) -> Iterator[list[Delta | None]]:
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed % SEED_MODULUS)
+
+    def steps(self, requests: Sequence[GenerationRequest],
+              components: Sequence[Component]) -> Iterator[list[Delta | None]]:
         """Yield, per decoding step, each request's Delta (None once it has finished)."""
         rows = [_Row(r, TextStream(self.tokenizer, r.stop)) for r in requests]
         ids, mask = left_pad([r.prompt_ids for r in requests], self.tokenizer.pad_token_id)
@@ -187,10 +207,11 @@ class Decoder:
             weights = torch.tensor([r.mixture for r in requests], dtype=torch.float32, device=self.device)
         temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=self.device)
         top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=self.device)
+        generators = [self._generator(r.seed) for r in requests]
         caches: list = [None] * len(components)
         while True:
             logprobs = self._mixed_logprobs(components, caches, weights, ids, mask, positions)
-            tokens = sample(logprobs, temperature, top_p, generator)
+            tokens = sample(logprobs, temperature, top_p, generators)
             out = [None if row.finished else self._finish(row, int(tokens[i])) for i, row in enumerate(rows)]
             yield out
             if all(row.finished for row in rows):

@@ -21,10 +21,13 @@ import torch
 from filelock import FileLock
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -171,9 +174,42 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         task_type=TaskType.CAUSAL_LM,
     )
     try:
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as exc:  # e.g. target_modules naming no module of this architecture
         raise ModelError(f"cannot attach LoRA (check lora.target_modules): {exc}") from exc
+    refuse_nonlinear_lora(peft_model, lora.target_modules)
+    return peft_model
+
+
+def refuse_nonlinear_lora(model: torch.nn.Module, target_modules: list[str] | tuple[str, ...] = ()) -> None:
+    """A ModelError naming the first LoRA layer that is not a linear one (an embedding, a convolution).
+
+    Stage II's per-sample gradients (gs_ray/gradientspace/grads.py) exist for LoRA on linear layers
+    only; PEFT's embedding LoRA keeps its weights as `lora_embedding_A/B`, which that gradient would
+    silently leave out. Refused when the adapter is attached, before any training.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, PeftLoraLinear):
+            path = name.removeprefix("base_model.model.")
+            target = next((t for t in target_modules if path == t or path.endswith(f".{t}")), path.rsplit(".", 1)[-1])
+            kind = type(module.get_base_layer()).__name__
+            raise ModelError(
+                f"lora.target_modules: {target!r} adapts {path} ({kind}), not a linear layer: gs_ray's per-sample "
+                "gradients (Stage II) cover LoRA on linear layers only and would leave its weights (PEFT's "
+                f"lora_embedding_A/B for an embedding) out of every gradient; remove {target!r} from "
+                "lora.target_modules")
+
+
+def check_lora_targets(model_cfg: ModelConfig, lora: LoraConfig) -> None:
+    """attach_lora's checks without loading any weight: the LoRA is attached to the model built on the meta device.
+
+    The warm-up stage calls it on the driver, so that a refused `lora.target_modules` stops the run with one clear
+    error before a training job starts (attach_lora itself runs inside the Train workers).
+    """
+    config = _load(AutoConfig.from_pretrained, model_cfg, "model config")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    attach_lora(skeleton, lora)
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path) -> None:

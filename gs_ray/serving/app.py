@@ -26,6 +26,7 @@ the mixture like any other distribution (gs_ray/generation.py).
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gs_ray.config import Config, config_from_dict, load_config
 from gs_ray.core import layout
-from gs_ray.core.errors import DataError, ModelError
+from gs_ray.core.errors import ConfigError, DataError, ModelError
 from gs_ray.core.rundir import CONFIG_FILE, RunDir
 from gs_ray.data.prepare import render_prompt
 from gs_ray.modeling.generation import GenerationRequest
@@ -74,12 +75,59 @@ from gs_ray.train.router import Router, request_text
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "GS_RAY_API_KEY"
+LOCAL_HOSTNAMES = ("localhost",)
+"""Host names taken as loopback without resolving them; any other name counts as reachable from elsewhere."""
 APP_NAME = "gs-ray"
 SSE_DONE = "data: [DONE]\n\n"
 
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether an HTTP bind address only accepts connections from this machine (None: not known, so no)."""
+    if not host:
+        return False
+    if host.lower() in LOCAL_HOSTNAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_authentication(http_host: str | None, allow_unauthenticated: bool) -> str | None:
+    """GS_RAY_API_KEY (None if unset or empty); refuses, with a ConfigError, to serve other machines without one.
+
+    http_host is where the HTTP proxy binds, None when it is not known (the Serve instance is not running yet).
+    """
+    key = os.environ.get(API_KEY_ENV) or None
+    if key is None and not allow_unauthenticated and not is_loopback(http_host):
+        where = (f"the HTTP proxy binds {http_host}, which is not a loopback address" if http_host else
+                 "the HTTP proxy's address is not known here (no Serve instance is running), so it may not be a "
+                 "loopback address")
+        raise ConfigError(
+            f"refusing to serve without authentication: {where} and {API_KEY_ENV} is unset or empty, so anyone who "
+            f"can reach the port could use the endpoint. Set {API_KEY_ENV} (clients send 'Authorization: Bearer "
+            "<key>'), bind serve.host=127.0.0.1, or set serve.allow_unauthenticated=true if something else "
+            "authenticates the requests")
+    return key
+
+
+def serve_http_host() -> str | None:
+    """Where the running Serve instance's HTTP proxy binds (its http_options.host), or None without one."""
+    import ray
+    from ray.serve import context
+
+    if not ray.is_initialized():  # the lookup would start Ray
+        return None
+    try:
+        client = context._get_global_client(raise_if_no_controller_running=False)
+        return client.http_config.host if client is not None else None
+    except Exception:
+        logger.warning("could not read the Serve HTTP proxy's address", exc_info=True)
+        return None
 
 
 # ---------------------------------------------------------------- router
@@ -207,7 +255,7 @@ class Ingress:
                             "messages" if chat else "prompt")
         model_id, expert, probabilities = await self._plan(target, router_text)
         generation = GenerationRequest(prompt_ids, max_tokens, req.temperature, req.top_p, stop, req.ignore_eos,
-                                       tuple(probabilities) if model_id == ENSEMBLE_ID else ())
+                                       tuple(probabilities) if model_id == ENSEMBLE_ID else (), req.seed)
         envelope = Envelope(req.model, chat, gs_ray_info(target, expert, probabilities, model_id))
         handle = self.expert.options(multiplexed_model_id=model_id)
         if req.stream:
@@ -251,17 +299,18 @@ def _expert_options(cfg: Config) -> dict[str, Any]:
     return options
 
 
-def build_app(cfg: Config, run_dir: str | Path | None = None) -> serve.Application:
+def build_app(cfg: Config, run_dir: str | Path | None = None, *, http_host: str | None) -> serve.Application:
     """The Serve application of a finished run (a path or URI); GS_RAY_API_KEY, if set now, becomes required.
 
-    Replicas get the run's location and mirror what they read themselves, so a run on
-    object storage serves from any node.
+    http_host is where the HTTP proxy binds (None: unknown); without a key, only a loopback address is served
+    (or any, with serve.allow_unauthenticated). Replicas get the run's location and mirror what they read
+    themselves, so a run on object storage serves from any node.
     """
+    key = require_authentication(http_host, cfg.serve.allow_unauthenticated)
     run = RunDir(run_dir or cfg.run.run_dir)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=run.location))
     num_experts = finished_run_experts(run.pull_finished(SERVED_STAGES))
     serve_cfg = cfg.serve
-    key = os.environ.get(API_KEY_ENV)
     router = RouterModel.options(
         num_replicas=serve_cfg.router_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": serve_cfg.router_num_cpus},
@@ -290,12 +339,17 @@ def load_run_config(run_dir: str | Path, serve_source: str | None = None, overri
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Entry for `serve run` / `serve deploy` / KubeRay: args run_dir, optional config and overrides."""
+    """Entry for `serve run` / `serve deploy` / KubeRay: args run_dir, optional config and overrides.
+
+    The HTTP address is the Serve instance's (its http_options), not serve.host: `serve deploy` and KubeRay bind
+    0.0.0.0, so they need GS_RAY_API_KEY in the environment of the Ray nodes or serve.allow_unauthenticated.
+    """
     run_dir = args.get("run_dir")
     if not run_dir:
         raise ValueError("app_builder needs args.run_dir: the finished run directory to serve")
     overrides = args.get("overrides") or []
-    return build_app(load_run_config(run_dir, args.get("config"), list(overrides)), run_dir)
+    return build_app(load_run_config(run_dir, args.get("config"), list(overrides)), run_dir,
+                     http_host=serve_http_host())
 
 
 def start(cfg: Config, run_dir: str | Path | None = None, *, quiet: bool = False) -> str:
@@ -304,6 +358,7 @@ def start(cfg: Config, run_dir: str | Path | None = None, *, quiet: bool = False
     quiet: Serve logs warnings only (no per-request access lines), for one-shot and benchmark runs.
     """
     logging_config = {"log_level": "WARNING"} if quiet else None
+    app = build_app(cfg, run_dir, http_host=cfg.serve.host)  # refused before Serve starts
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logging_config)
-    serve.run(build_app(cfg, run_dir), name=APP_NAME, route_prefix="/", logging_config=logging_config)
+    serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging_config)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"

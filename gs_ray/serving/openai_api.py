@@ -16,6 +16,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,6 +36,52 @@ MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 4
 """OpenAI accepts up to 4 stop sequences."""
 CHAT_ROLES = ("system", "user", "assistant")
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""Seeds a request may give (OpenAI's is a 64-bit integer); sampling uses the seed modulo 2**64."""
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+def _zero(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0)
+
+
+def _false(value: Any) -> bool:
+    return value is None or value is False
+
+
+def _one(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value == ""
+
+
+UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_one, "one choice per request (n = 1)"),
+    "best_of": (_one, "one candidate per request (best_of = 1)"),
+    "logprobs": (_false, "log-probabilities are not returned"),
+    "top_logprobs": (_zero, "log-probabilities are not returned"),
+    "echo": (_false, "the prompt is not echoed"),
+    "suffix": (_empty, "no text is inserted before a suffix"),
+    "tools": (_empty, "the model does not call tools"),
+    "tool_choice": (lambda value: value is None or value == "none", "the model does not call tools"),
+    "functions": (_empty, "the model does not call functions"),
+    "function_call": (lambda value: value is None or value == "none", "the model does not call functions"),
+    "response_format": (lambda value: value is None or value == {"type": "text"},
+                        "output is plain text: no JSON mode or schema"),
+    "presence_penalty": (_zero, "repetition penalties are not applied"),
+    "frequency_penalty": (_zero, "repetition penalties are not applied"),
+    "logit_bias": (_empty, "token biases are not applied"),
+    "audio": (_absent, "output is text only"),
+    "prediction": (_absent, "predicted outputs are not used"),
+}
+"""Request fields the server cannot honour -> (whether a value asks nothing of it, why not). A value that does
+ask something (`logprobs: true`, a non-zero penalty, `n: 2`) is a 400 naming the field, never silently ignored;
+the default values clients often send anyway are accepted."""
 
 
 class APIError(Exception):
@@ -61,12 +108,13 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     """Extension (as in vLLM): decode past the end-of-turn token, for fixed-length benchmarks."""
     stream_options: dict[str, Any] | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    """Sampling with temperature > 0 is reproducible per request: the same seed and prompt give the same text."""
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -130,10 +178,26 @@ def decode_body(raw: bytes) -> Any:
     return body
 
 
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """A 400 naming the first field of UNSUPPORTED_FIELDS whose value asks for something the server cannot do."""
+    for field, (harmless, why) in UNSUPPORTED_FIELDS.items():
+        if field in body and not _safe(harmless, body[field]):
+            raise APIError(400, f"{field} is not supported by this server ({why}); leave it out",
+                           param=field, code="unsupported_parameter")
+
+
+def _safe(harmless: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(harmless(value))
+    except (TypeError, ValueError, OverflowError):  # a value too odd to compare is no default
+        return False
+
+
 def parse_request(schema: type[_Request], body: Any) -> _Request:
-    """Validate a decoded JSON body; any schema problem is a 400 naming the field."""
+    """Validate a decoded JSON body; any schema problem, or a field the server cannot honour, is a 400 naming it."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    refuse_unsupported(body)
     try:
         return schema.model_validate(body)
     except ValidationError as exc:

@@ -4,14 +4,19 @@ Each expert is an ordinary `run_training` job (the loop warm-up uses) on the tra
 samples of its cluster, evaluated on the held-out samples assigned to the same cluster.
 Every job is started from its own Ray task (which holds no CPU), so the jobs run side by
 side as far as the cluster's free resources allow, and queue otherwise. Clusters smaller
-than experts.min_cluster_size are first merged into their nearest cluster by centroid
-cosine; the merge is printed and recorded in `experts.json`, never silent.
+than experts.min_cluster_size, or than one batch of an expert's job (its workers x
+train.micro_batch_size), are first merged into their nearest cluster by centroid cosine; the
+merge is printed and recorded in `experts.json`, never silent. All of that is settled before
+any job starts: if fewer than two experts would remain (the router needs two), the stage stops
+with the cluster sizes. If one job fails, the others are cancelled, and their Ray Train runs
+with them, before the failure is raised.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,10 +29,21 @@ import pyarrow.parquet as pq
 import ray
 from safetensors.numpy import load_file
 
-from gs_ray.config import Config, ExpertsConfig, config_from_dict
+from gs_ray.config import Config, ExpertsConfig, TrainConfig, config_from_dict
 from gs_ray.core import layout
+from gs_ray.core.errors import DataError
 from gs_ray.core.rundir import RunDir, Stage, say
+from gs_ray.stages.warmup import WARMUP_EPOCHS_WARNING, warmup_epochs
 from gs_ray.train.loop import TrainJob, run_training
+
+logger = logging.getLogger(__name__)
+
+MIN_EXPERTS = 2
+"""Experts the router needs to have something to choose."""
+EXPERT_EPOCHS_WARNING = WARMUP_EPOCHS_WARNING
+"""Passes over its own samples above which an expert's plan is warned about, as the warm-up's is."""
+CANCELLED_JOBS_WAIT_S = 60.0
+"""How long a failed stage waits for the expert jobs it cancelled to end before it raises the failure."""
 
 
 def merge_small_clusters(sizes: list[int], centroids: np.ndarray, min_size: int) -> tuple[list[int], list[int]]:
@@ -88,19 +104,81 @@ def _train_expert(config: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]
     return {**outcome.metrics, "started_at": started, "ended_at": time.time()}
 
 
+def _one_batch(train: TrainConfig) -> tuple[int, str]:
+    """Fewest samples a job can train on (one micro-batch on each worker), and how to say it."""
+    workers = f"{train.num_workers} worker{'s' if train.num_workers > 1 else ''}"
+    return (train.num_workers * train.micro_batch_size,
+            f"one batch of {workers} x train.micro_batch_size={train.micro_batch_size}")
+
+
+def _require_experts(sizes: list[int], kept: list[int], min_size: int, why: str) -> None:
+    """A DataError naming the clusters and their sizes when fewer than MIN_EXPERTS clusters can be experts."""
+    if len(kept) >= MIN_EXPERTS and all(sizes[k] >= min_size for k in kept):
+        return
+    listed = ", ".join(f"cluster {k}: {size}" for k, size in enumerate(sizes))
+    raise DataError(
+        f"experts: only {sum(size >= min_size for size in sizes)} of {len(sizes)} clusters have the {min_size} "
+        f"training samples an expert needs ({why}); the others would be merged, leaving fewer than {MIN_EXPERTS} "
+        f"experts for the router to choose from. Cluster sizes: {listed}. Lower experts.min_cluster_size, "
+        "train.micro_batch_size or experts.num_workers, fix cluster.k, or add data")
+
+
+def _warn_if_experts_overfit(cfg: Config, plan: list[dict[str, Any]], samples_per_step: int) -> None:
+    for entry in plan:
+        asked = cfg.experts.budget == "epochs" and entry["steps"] == math.ceil(
+            cfg.experts.epochs * entry["train_samples"] / samples_per_step)
+        if entry["epochs"] > EXPERT_EPOCHS_WARNING and not asked:
+            logger.warning(
+                "[experts] expert %d (clusters %s) trains %d steps, %.1f passes over its %d samples (more than %.0f): "
+                "an expert fitted this closely to a small cluster learns it by heart; lower experts.max_steps or "
+                "experts.min_steps, use experts.budget=proportional or epochs, or raise experts.min_cluster_size",
+                entry["expert"], entry["clusters"], entry["steps"], entry["epochs"], entry["train_samples"],
+                EXPERT_EPOCHS_WARNING)
+
+
 def _plan(cfg: Config, clusters: np.ndarray, centroids: np.ndarray) -> tuple[list[int], list[dict[str, Any]]]:
+    """Which clusters each expert trains on and for how many steps; refused here, before any job, if it cannot run."""
     sizes = np.bincount(clusters, minlength=len(centroids)).tolist()
-    expert_of_cluster, kept = merge_small_clusters(sizes, centroids, cfg.experts.min_cluster_size)
+    train = _expert_config(cfg).train
+    batch, batch_text = _one_batch(train)
+    min_size = max(cfg.experts.min_cluster_size, batch)
+    expert_of_cluster, kept = merge_small_clusters(sizes, centroids, min_size)
+    _require_experts(sizes, kept, min_size, f"experts.min_cluster_size={cfg.experts.min_cluster_size}, {batch_text}")
     members = [[k for k, e in enumerate(expert_of_cluster) if e == expert] for expert in range(len(kept))]
     expert_sizes = [sum(sizes[k] for k in group) for group in members]
-    train = _expert_config(cfg).train
-    steps = expert_steps(expert_sizes, cfg.experts, train.micro_batch_size * train.grad_accum_steps * train.num_workers)
-    plan = [{"expert": e, "clusters": group, "train_samples": expert_sizes[e], "steps": steps[e]} for e, group in enumerate(members)]
+    samples_per_step = train.micro_batch_size * train.grad_accum_steps * train.num_workers
+    steps = expert_steps(expert_sizes, cfg.experts, samples_per_step)
+    plan = [{"expert": e, "clusters": group, "train_samples": expert_sizes[e], "steps": steps[e],
+             "epochs": round(warmup_epochs(train, steps[e], expert_sizes[e]), 2)} for e, group in enumerate(members)]
     for k, expert in enumerate(expert_of_cluster):
         if k not in kept:
-            say(f"[experts] cluster {k} ({sizes[k]} samples < experts.min_cluster_size="
-                f"{cfg.experts.min_cluster_size}) merged into expert {expert}")
+            reason = (f"experts.min_cluster_size={cfg.experts.min_cluster_size}"
+                      if sizes[k] < cfg.experts.min_cluster_size else batch_text)
+            say(f"[experts] cluster {k} ({sizes[k]} samples < {reason}) merged into expert {expert}")
+    _warn_if_experts_overfit(cfg, plan, samples_per_step)
     return expert_of_cluster, plan
+
+
+def gather_or_cancel(refs: list[ray.ObjectRef]) -> list[Any]:
+    """The results of side-by-side jobs, in order. When one fails (or the wait is interrupted), every job still
+    running is cancelled before the failure is raised.
+
+    Cancelling is forced: it ends the process of each job's task, and with it the Ray Train controller that task
+    started and the controller's workers (Ray ends the actors a process owns when it dies), so no sibling keeps
+    training, or holding its CPUs and GPUs, after the stage has failed.
+    """
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)  # raises the job's failure
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=CANCELLED_JOBS_WAIT_S)
+        raise
+    return ray.get(refs)
 
 
 def _ids_by_expert(assignments: dict[str, list], expert_of_cluster: list[int], experts: int) -> list[list[str]]:
@@ -143,7 +221,7 @@ def train_experts(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
             seed=cfg.run.seed + 1 + entry["expert"],
         )
         jobs.append(_train_expert.remote(expert_cfg.to_dict(), dataclasses.asdict(job)))
-    results = ray.get(jobs)
+    results = gather_or_cancel(jobs)
     keys = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "train_samples_digest",
             "started_at", "ended_at")
     experts = [entry | {key: result.get(key) for key in keys} for entry, result in zip(plan, results)]
@@ -161,7 +239,6 @@ def _overlap(experts: list[dict[str, Any]]) -> float:
             overlap += moment - previous
         running, previous = running + change, moment
     return round(overlap, 1)
-
 
 
 def describe(summary: dict[str, Any]) -> str:

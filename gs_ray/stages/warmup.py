@@ -9,6 +9,7 @@ from typing import Any
 from gs_ray.config import Config, TrainConfig
 from gs_ray.core import layout
 from gs_ray.core.rundir import RunDir, Stage
+from gs_ray.modeling.models import check_lora_targets
 from gs_ray.train.loop import SUMMARY_KEYS, TrainJob, run_training
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def warn_if_warmup_overfits(cfg: Config, epochs: float, samples: int) -> None:
 
 def _build(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     data_dir = run.stage_dir(layout.DATA_STAGE)
+    check_lora_targets(cfg.model, cfg.lora)  # a refused lora.target_modules fails here, not in a Train worker
     job = TrainJob(
         # The digest in the name keeps a changed config from resuming an old run's checkpoints.
         name=f"warmup-{cfg.digest(list(SECTIONS))}-{run.manifest(layout.DATA_STAGE)['digest']}",

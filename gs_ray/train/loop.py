@@ -173,9 +173,11 @@ def _build_model(cfg: Config, job: TrainJob) -> torch.nn.Module:
 
 @torch.no_grad()
 def heldout_loss(engine: Any, rows: list[dict], pad_id: int, batch_size: int, rank: int, world: int) -> float:
-    """Mean per-token loss over rows, sharded across ranks and summed with all-reduce."""
+    """Mean per-token loss over rows, sharded across ranks and summed with all-reduce; in eval mode, then back
+    to the mode the model was in."""
     import torch.distributed as dist
 
+    was_training = engine.module.training
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     mine = rows[rank::world]
@@ -185,7 +187,7 @@ def heldout_loss(engine: Any, rows: list[dict], pad_id: int, batch_size: int, ra
         totals += torch.stack([loss_sum.double(), count.double()])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    engine.train()
+    engine.train(was_training)
     return float(totals[0] / totals[1].clamp(min=1))
 
 
@@ -251,6 +253,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if "eval_loss_start" not in state and eval_rows:
         state["eval_loss_start"] = heldout_loss(engine, eval_rows, pad_id, micro, rank, world)
     batches = micro_batches(len(rows), job.seed, rank, world, micro, start_step * cfg.train.grad_accum_steps)
+    # The base model loads in eval mode; train mode (LoRA dropout on) is set here, whether or not a held-out
+    # loss ran first: a job without eval samples used to train in eval mode.
+    engine.train()
     window: list[float] = []
     started = time.monotonic()
 

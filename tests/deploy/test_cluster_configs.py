@@ -21,6 +21,7 @@ import yaml
 
 from gs_ray.cli import SUBMITTABLE
 from gs_ray.config import load_config, parse_override
+from gs_ray.serving.app import API_KEY_ENV, is_loopback
 
 from deploy_files import (
     CLUSTER_DIR,
@@ -153,6 +154,49 @@ def test_rayservice_serves_the_application_of_serve_yaml(path):
                 assert app.get(key) == reference.get(key), (
                     f"{rel(path)}: serveConfigV2 application {key} {app.get(key)!r} differs from "
                     f"cluster_configs/serve.yaml's {reference.get(key)!r}")
+
+
+ALLOW_UNAUTHENTICATED = "serve.allow_unauthenticated=true"
+
+
+def _opens_without_a_key(app: dict) -> bool:
+    return ALLOW_UNAUTHENTICATED in [str(o).replace(" ", "") for o in (app.get("args") or {}).get("overrides") or []]
+
+
+def _serve_host(doc: dict) -> str:
+    """Where the Serve proxy of a serve config or RayService listens (KubeRay's default: every interface)."""
+    if kind_of(doc) == "serve":
+        return (doc.get("http_options") or {}).get("host", "127.0.0.1")
+    return (yaml.safe_load(doc["spec"]["serveConfigV2"]).get("http_options") or {}).get("host", "0.0.0.0")
+
+
+@pytest.mark.parametrize("path", files_with("RayService"), ids=path_id)
+def test_rayservice_pods_take_the_api_key_from_a_secret(path):
+    """The proxy listens on every interface, where the app refuses to start without GS_RAY_API_KEY."""
+    for doc in yaml_docs(path):
+        if kind_of(doc) != "RayService" or is_loopback(_serve_host(doc)):
+            continue
+        if all(_opens_without_a_key(app) for app in serve_applications(doc)):
+            continue
+        spec = ray_cluster_spec(doc)
+        for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+            for container in group["template"]["spec"]["containers"]:
+                env = {item["name"]: item for item in container.get("env", [])}
+                secret = env.get(API_KEY_ENV, {}).get("valueFrom", {}).get("secretKeyRef", {})
+                assert secret.get("name") and secret.get("key"), (
+                    f"{rel(path)}: container {container['name']} does not set {API_KEY_ENV} from a Secret, and no "
+                    f"application has {ALLOW_UNAUTHENTICATED}: the app would refuse to start")
+
+
+def test_serve_yaml_on_every_interface_says_how_it_authenticates():
+    (doc,) = yaml_docs(CLUSTER_DIR / "serve.yaml")
+    if is_loopback(_serve_host(doc)) or all(_opens_without_a_key(app) for app in serve_applications(doc)):
+        return
+    text = (CLUSTER_DIR / "serve.yaml").read_text()
+    header = text[: text.index("proxy_location")]
+    assert API_KEY_ENV in header and "serve.allow_unauthenticated=true" in header, (
+        "cluster_configs/serve.yaml binds a public address: its header must say how to set GS_RAY_API_KEY "
+        "(without it the app refuses to start) and name the opt-out")
 
 
 CLUSTERS = docs_of_kind("launcher", "RayCluster", "RayJob", "RayService")

@@ -140,3 +140,38 @@ def test_end_token_gradient_matches_the_loop_on_those_tokens():
     gradients = PerSampleGradients(model)(batch)
     torch.testing.assert_close(gradients, reference_gradients(model, batch), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(gradients, PerSampleGradients(model)(pad_batch(rows[:2] + rows[2:], 0)))
+
+
+def test_a_lora_linear_called_twice_per_forward_gets_the_sum_of_both_calls():
+    """Layer 1 is layer 0 (shared weights, as in ALBERT-style models): each of its LoRA linears runs twice."""
+    cfg = load_config("tiny", ["lora.target_modules=[q_proj,v_proj,down_proj]"])
+    base = load_base_model(cfg.model)
+    base.model.layers[1] = base.model.layers[0]
+    torch.manual_seed(0)
+    model = attach_lora(base, cfg.lora)
+    with torch.no_grad():
+        for _, param in lora_parameters(model):
+            param.normal_(0, 0.05)
+    batch = pad_batch(_rows(LENGTHS, seed=3), pad_token_id=0)
+    loop = reference_gradients(model, batch)
+    assert loop.abs().max() > 0
+    torch.testing.assert_close(PerSampleGradients(model)(batch), loop, rtol=1e-4, atol=1e-6)
+
+
+def test_embedding_lora_is_refused_when_attached_naming_the_module():
+    from gs_ray.core.errors import ModelError
+
+    cfg = load_config("tiny", ["lora.target_modules=[q_proj,embed_tokens]"])
+    with pytest.raises(ModelError, match=r"lora.target_modules: 'embed_tokens' adapts model.embed_tokens "
+                                         r"\(Embedding\), not a linear layer.*linear layers only"):
+        attach_lora(load_base_model(cfg.model), cfg.lora)
+
+
+def test_per_sample_gradients_refuse_an_adapter_with_embedding_lora():
+    """An adapter made elsewhere (not by attach_lora) with lora_embedding_A/B: refused, never left out silently."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = load_config("tiny")
+    model = get_peft_model(load_base_model(cfg.model), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ValueError, match=r"model.model.embed_tokens has LoRA weights \(lora_embedding_A\)"):
+        PerSampleGradients(model)

@@ -10,7 +10,12 @@ import contextlib
 import http.client
 import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +30,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gs_ray.serving.openai_api import APIError, decode_body, resolve_model
+from gs_ray.serving.openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    decode_body,
+    parse_request,
+    resolve_model,
+)
 
 from conftest import REPO
 
@@ -115,6 +127,30 @@ def test_batched_left_padded_decoding_matches_one_at_a_time(tiny_lm):
     assert texts(requests, plain * 2, (0.5, 0.5)) == alone
 
 
+def test_a_seeded_request_samples_the_same_alone_or_in_a_batch(tiny_lm):
+    from gs_ray.modeling.generation import Decoder, GenerationRequest
+
+    model, tokenizer = tiny_lm
+    decoder = Decoder(model, tokenizer, frozenset({tokenizer.eos_token_id}))
+    prompt = tokenizer("how many apples", add_special_tokens=False)["input_ids"]
+    other = tokenizer("def add(a, b): return", add_special_tokens=False)["input_ids"]
+
+    def texts(*requests):
+        out = ["" for _ in requests]
+        for step in decoder.steps(requests, [contextlib.nullcontext]):
+            for i, delta in enumerate(step):
+                out[i] += delta.text if delta else ""
+        return out
+
+    def seeded(seed, ids=prompt):
+        return GenerationRequest(ids, max_tokens=12, temperature=1.0, ignore_eos=True, seed=seed)
+
+    alone = texts(seeded(3))[0]
+    assert texts(seeded(3))[0] == alone
+    assert texts(seeded(None, other), seeded(3), seeded(4, other))[1] == alone
+    assert len({alone, texts(seeded(4))[0], texts(seeded(5))[0]}) > 1
+
+
 @pytest.mark.parametrize("top_p", [1e-6, 5e-324])  # the second is 0 in float32
 def test_sampling_with_a_tiny_top_p_is_greedy(top_p):
     import torch
@@ -136,6 +172,90 @@ def test_serve_config_yaml_points_at_a_real_builder():
     module, _, name = app.import_path.partition(":")
     assert module == "gs_ray.serving.app" and getattr(gs_serve, name) is gs_serve.app_builder
     assert app.args["run_dir"] and all("=" in o for o in app.args["overrides"])
+
+
+REFUSED_FIELDS = {  # a value asking for something the server cannot do -> the field the 400 names
+    "logprobs": True, "top_logprobs": 2, "tools": [{"type": "function", "function": {"name": "f"}}],
+    "tool_choice": "auto", "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
+    "frequency_penalty": -1, "n": 2, "logit_bias": {"42": 100}, "functions": [{"name": "f"}], "audio": {},
+}
+HARMLESS_FIELDS = {  # what clients often send anyway: accepted
+    "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+    "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "logit_bias": {}, "user": "u-1", "store": False,
+}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_FIELDS))
+def test_a_field_the_server_cannot_honour_is_a_400_naming_it(field):
+    body = {"model": "gs-ray", "messages": [{"role": "user", "content": "hi"}], field: REFUSED_FIELDS[field]}
+    with pytest.raises(APIError) as caught:
+        parse_request(ChatRequest, body)
+    assert caught.value.status == 400 and caught.value.param == field and caught.value.code == "unsupported_parameter"
+    assert str(caught.value).startswith(f"{field} is not supported by this server")
+
+
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("echo", True), ("suffix", "}"), ("logprobs", 0)])
+def test_completion_fields_the_server_cannot_honour_are_400s(field, value):
+    with pytest.raises(APIError) as caught:
+        parse_request(CompletionRequest, {"model": "gs-ray", "prompt": "hi", field: value})
+    assert caught.value.status == 400 and caught.value.param == field
+
+
+def test_default_values_of_unsupported_fields_and_a_seed_are_accepted():
+    body = {"model": "gs-ray", "messages": [{"role": "user", "content": "hi"}], "seed": -5, **HARMLESS_FIELDS}
+    assert parse_request(ChatRequest, body).seed == -5
+    with pytest.raises(APIError) as caught:
+        parse_request(ChatRequest, {**body, "seed": 2**64})
+    assert caught.value.status == 400 and caught.value.param == "seed"
+
+
+@pytest.mark.parametrize("host, key, allow, refused", [
+    ("0.0.0.0", None, False, True), ("0.0.0.0", "", False, True), ("10.1.2.3", None, False, True),
+    ("example.com", None, False, True), (None, None, False, True), ("::", None, False, True),
+    ("0.0.0.0", "k", False, False), ("0.0.0.0", None, True, False), ("127.0.0.1", None, False, False),
+    ("127.0.0.2", None, False, False), ("::1", None, False, False), ("localhost", None, False, False),
+])
+def test_an_address_other_machines_reach_needs_an_api_key(monkeypatch, host, key, allow, refused):
+    from gs_ray.core.errors import ConfigError
+    from gs_ray.serving.app import API_KEY_ENV, require_authentication
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    if key is not None:
+        monkeypatch.setenv(API_KEY_ENV, key)
+    if refused:
+        with pytest.raises(ConfigError, match=f"refusing to serve without authentication: .* {API_KEY_ENV} is unset "
+                                              "or empty.*serve.allow_unauthenticated=true"):
+            require_authentication(host, allow)
+    else:
+        assert require_authentication(host, allow) == (key or None)
+
+
+def test_serve_command_on_a_public_address_without_a_key_stops_before_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    from gs_ray.cli import EXIT_USER_ERROR, main
+    from gs_ray.serving.app import API_KEY_ENV
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    (tmp_path / "config.yaml").write_text("model:\n  name: tiny-random\n")
+    was_running = ray.is_initialized()
+    assert main(["serve", "--run-dir", str(tmp_path), "serve.host=0.0.0.0", "--once", "hi"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("gs-ray: error: refusing to serve without authentication: the HTTP proxy binds 0.0.0.0, "
+                          "which is not a loopback address and GS_RAY_API_KEY is unset or empty")
+    assert ray.is_initialized() == was_running
+
+
+def test_app_builder_refuses_a_serve_instance_on_every_interface_without_a_key(tmp_path, monkeypatch):
+    """`serve deploy` and KubeRay bind 0.0.0.0 (their http_options), whatever serve.host says."""
+    import gs_ray.serving.app as gs_serve
+    from gs_ray.core.errors import ConfigError
+
+    monkeypatch.delenv(gs_serve.API_KEY_ENV, raising=False)
+    monkeypatch.setattr(gs_serve, "serve_http_host", lambda: "0.0.0.0")
+    (tmp_path / "config.yaml").write_text("model:\n  name: tiny-random\n")
+    with pytest.raises(ConfigError, match="the HTTP proxy binds 0.0.0.0"):
+        gs_serve.app_builder({"run_dir": str(tmp_path)})
 
 
 def test_serve_command_refuses_an_unfinished_run(tmp_path, capsys):
@@ -341,9 +461,10 @@ def test_completion_mistakes_get_4xx(served):
 def test_app_builder_builds_the_app_of_a_run(served):
     from ray.serve import Application
 
-    from gs_ray.serving.app import app_builder
+    from gs_ray.serving.app import app_builder, serve_http_host
 
     _, run_dir = served
+    assert serve_http_host() == "127.0.0.1"  # the running instance's proxy: loopback, so no key is needed
     assert isinstance(app_builder({"run_dir": str(run_dir), "overrides": ["serve.num_replicas=2"]}), Application)
 
 
@@ -385,6 +506,43 @@ def test_the_api_key_is_required_except_for_health(served):
     assert _request(url, "/healthz", key=None) == (200, {"status": "ok"})
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key").models.list()
+
+
+def test_unsupported_fields_are_400s_and_their_defaults_are_served(served):
+    url, _ = served
+    for field in ("logprobs", "presence_penalty", "tools"):
+        status, answer = _request(url, "/v1/chat/completions", _chat_body(**{field: REFUSED_FIELDS[field]}))
+        assert status == 400 and answer["error"]["param"] == field, answer
+    assert _request(url, "/v1/completions", {"model": "gs-ray", "prompt": "hi", "echo": True})[0] == 400
+    status, answer = _request(url, "/v1/chat/completions", _chat_body(**HARMLESS_FIELDS))
+    assert status == 200, answer
+
+
+SEED_TOKENS = 16
+
+
+def _sampled(url: str, seed: int | None, path: str = "/v1/chat/completions") -> str:
+    body = {"model": "gs-ray:expert-0", "max_tokens": SEED_TOKENS, "temperature": 1.0, "ignore_eos": True,
+            **({"seed": seed} if seed is not None else {})}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "Write a python function that adds two numbers."}]
+    else:
+        body["prompt"] = "Write a python function that adds two numbers."
+    status, out = _request(url, path, body)
+    assert status == 200, out
+    choice = out["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def test_a_seed_makes_sampling_reproducible_and_different_seeds_differ(served):
+    url, _ = served
+    first = _sampled(url, 7)
+    assert first and _sampled(url, 7) == first
+    with ThreadPoolExecutor(4) as pool:  # batched with other requests, the seeded one still samples the same
+        together = list(pool.map(lambda seed: _sampled(url, seed), [7, None, 8, None]))
+    assert together[0] == first
+    assert len({first, together[2], _sampled(url, 9)}) > 1
+    assert _sampled(url, 7, "/v1/completions") == _sampled(url, 7, "/v1/completions")
 
 
 # ---------------------------------------------------------------- fuzzing the HTTP surface
@@ -617,3 +775,88 @@ def test_soak_has_no_errors_and_expert_memory_stays_flat(served, record_property
     assert failures == [], f"{len(failures)} of {SOAK_REQUESTS} failed, first: {failures[:SHOWN_FAILURES]}"
     assert after.keys() == before.keys()  # no replica died and came back
     assert max(growth.values()) <= MAX_RSS_GROWTH, growth
+
+
+
+# ---------------------------------------------------------------- stopping `gs-ray serve`
+
+SERVE_READY_S, SERVE_STOP_S, PROCESSES_GONE_S = 600, 120, 10
+"""Longest waits for `gs-ray serve` to be ready (a fresh Ray and Serve on a busy 2-core machine), to exit after
+SIGTERM, and then for the last of its processes to be gone."""
+READY_LINE = "[serve] Ctrl-C to stop"
+RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
+"""A Ray session's name, as its processes' command lines carry it (the session directory)."""
+
+
+def _running(process) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _processes_of(server_pid: int, started: list, sessions: set[str]) -> list:
+    """Live processes of a command: those it had started (by pid and start time), those in its OS session, and
+    those whose command line names its Ray session."""
+    import psutil
+
+    found = {process.pid: process for process in started if _running(process)}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.pid not in found and _running(process) and (
+                    os.getsid(process.pid) == server_pid or any(name in " ".join(process.cmdline()) for name in sessions)):
+                found[process.pid] = process
+    return list(found.values())
+
+
+def _describe(processes: list) -> list[str]:
+    import psutil
+
+    described = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{process.pid} {process.name()}: {' '.join(process.cmdline())[:120]}")
+    return described
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_gs_ray_serve_started(tiny_finished_run, tmp_path):
+    """Ray's DashboardAgent and RuntimeEnvAgent (children of the raylet) used to outlive a SIGTERMed `gs-ray serve`."""
+    import psutil
+
+    from gs_ray.serving.app import API_KEY_ENV
+
+    run_dir = tiny_finished_run[0].run.run_dir
+    # Its own local Ray (not the test session's), on loopback, so no API key is needed.
+    env = {**{k: v for k, v in os.environ.items() if k != API_KEY_ENV}, "RAY_ADDRESS": "local"}
+    command = [sys.executable, "-m", "gs_ray.cli", "serve", "--run-dir", str(run_dir), f"serve.port={_free_port()}",
+               "serve.router_num_cpus=0.5"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                  start_new_session=True)
+    started: list = []
+    try:
+        deadline = time.monotonic() + SERVE_READY_S
+        while READY_LINE not in log.read_text() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert READY_LINE in log.read_text(), log.read_text()[-3000:]
+        started = psutil.Process(server.pid).children(recursive=True)
+        sessions = {name for process in started if _running(process)
+                    for name in RAY_SESSION.findall(" ".join(process.cmdline()))}
+        assert sessions, _describe(started)
+        assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {p.name() for p in started if _running(p)}
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=SERVE_STOP_S) == 0, log.read_text()[-3000:]
+        deadline = time.monotonic() + PROCESSES_GONE_S
+        while (left := _processes_of(server.pid, started, sessions)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, _describe(left)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for process in _processes_of(server.pid, started, set()):
+            with contextlib.suppress(psutil.Error):
+                process.kill()

@@ -147,3 +147,27 @@ def test_a_queued_job_waits_for_resources_instead_of_timing_out_each_minute(
     with pytest.raises(_StopBeforeTraining):
         run_training(tiny_config(), _job(tmp_path, tiny_data))
     assert handed_over[WORKER_START_TIMEOUT_ENV] == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_model_with_dropout(tmp_path_factory):
+    """The tiny model with attention dropout: a base model whose forward differs between train and eval mode."""
+    from gs_ray.modeling.models import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-dropout") / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.3}))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_job_without_eval_samples_trains_in_train_mode(tiny_config, tiny_data, tiny_model_with_dropout, tmp_path):
+    """The held-out loss runs in eval mode before training; without eval samples it is skipped, and the model,
+    which loads in eval mode, must still be switched to train mode (dropout on): both jobs train alike."""
+    cfg = tiny_config(f"model.name={tiny_model_with_dropout}", "train.log_every=1")
+    curves = {}
+    for name, eval_split in (("with-eval", str(tiny_data / "eval")), ("without-eval", "")):
+        job = _job(tmp_path, tiny_data, name=name, eval_split=eval_split, max_steps=3,
+                   output_dir=str(tmp_path / name), storage_path=str(tmp_path / name / "ray_train"))
+        curves[name] = run_training(cfg, job).metrics["loss_curve"]
+    assert curves["without-eval"] == curves["with-eval"]
