@@ -1,0 +1,46 @@
+"""benchmarks/skills.py --quick end to end, as users run it: a script of its own, joined to the session's Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gs_ray.data.planted import FAMILIES, true_k
+
+from conftest import REPO
+
+SKILLS_TIMEOUT_S = 1500
+METHODS = {"gradientspace", "offline", "offline_true_k", "minilm", "random_projection"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SKILLS_TIMEOUT_S)
+def test_skills_quick_scores_every_method_against_skill_and_topic(ray_start_4_cpus, tmp_path):
+    import ray
+
+    families = ["same_wording", "shared_surface"]  # two of the four keep the suite's time down
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "skills.py"), "--quick", "--families", *families,
+                           "--run-root", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=SKILLS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    figures = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    sets = [f for f in figures if f["figure"] == "set"]
+    assert [s["family"] for s in sets] == families
+    for found in sets:
+        assert found["k_true"] == true_k(found["family"]) and set(found["methods"]) == METHODS
+        assert set(found["k_candidates"]) == {"gap", "silhouette", "eigengap"}
+        assert found["k_chosen"] == found["k_candidates"]["silhouette"]  # the default rule decided
+        for scores in found["methods"].values():
+            assert all(0.0 <= scores[against]["nmi"] <= 1.0 for against in ("skill", "topic"))
+        # The planted mix went through the data stage whole, labelled by skill.
+        rows = (tmp_path / f"{found['family']}-s0" / "mix.jsonl").read_text().splitlines()
+        assert len(rows) == 20 * len({json.loads(r)["skill"] for r in rows}) == 20 * found["k_true"]
+    summary = figures[-1]
+    assert summary["figure"] == "summary" and summary["sets"] == len(families)
+    assert set(summary["k_hits_per_rule"]) == {"gap", "silhouette", "eigengap"}
+    assert set(FAMILIES) >= set(families)
