@@ -23,6 +23,7 @@ from gs_ray.evaluation.baselines import BASELINE_METHODS, BaselineRun
 from gs_ray.evaluation.diagnostics import PAIRS_FILE
 from gs_ray.evaluation.evaluate import CONFIDENCE
 from gs_ray.evaluation.report import plots as report
+from gs_ray.gradientspace.plots import plot_spectrum
 
 PLOTS = {
     "spectrum": layout.SPECTRUM_PLOT, "clusters": "cluster_distribution.png", "projection": "gradients_2d.png",
@@ -113,8 +114,8 @@ def _assignments(folder: Path) -> tuple[np.ndarray, list]:
 def _plot_all(run: RunDir, evaluation: dict[str, Any], out: Path) -> list[str]:
     spectrum = json.loads((run.stage_dir("cluster") / layout.SPECTRUM_FILE).read_text())
     offset = spectrum["gap_index_offset"]
-    report.plot_spectrum(spectrum["singular_values"], {offset + i: g for i, g in enumerate(spectrum["gaps"])},
-                         spectrum["k"], spectrum["k_rule"], out / PLOTS["spectrum"])
+    plot_spectrum(spectrum["singular_values"], {offset + i: g for i, g in enumerate(spectrum["gaps"])},
+                  spectrum["k"], spectrum["k_rule"], out / PLOTS["spectrum"])
     runs = {"gradientspace": run} | {name: BaselineRun(run, name) for name in BASELINE_METHODS}
     report.plot_cluster_distribution({name: _assignments(found.stage_dir("cluster")) for name, found in runs.items()},
                                      out / PLOTS["clusters"])
