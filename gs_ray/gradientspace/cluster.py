@@ -318,6 +318,24 @@ class OnlineSVDClusterer:
         self.version += 1
         self.updates[k] += 1
 
+    def merge_streams(self, streams: list[OnlineSVDClusterer]) -> None:
+        """Fold independent streams that each started from this clusterer's state into it, in list order.
+
+        `mean`: every stream's added feature sums join the running sums (c_k = their direction);
+        `ema`: c_k is the direction of the streams' centroids summed; `none`: nothing moved. The
+        result depends on the streams and their order only, never on when their summaries arrived.
+        """
+        self._check_fitted()
+        if self.cfg.update == "mean":
+            start = self.sums.copy()
+            for stream in streams:
+                self.sums += stream.sums - start
+            self.centroids = _row_normalize(self.sums).astype(FEATURE_DTYPE)
+        elif self.cfg.update == "ema":
+            self.centroids = _row_normalize(np.sum([s.centroids for s in streams], axis=0)).astype(FEATURE_DTYPE)
+        self.updates = self.updates + np.sum([s.updates - self.updates for s in streams], axis=0)
+        self.version = max([self.version, *(s.version for s in streams)]) + 1
+
     def partial_fit(self, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stream rows in order: assign, cache, and apply any filled cache's summary before the next row."""
         self._check_fitted()

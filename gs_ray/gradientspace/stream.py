@@ -22,14 +22,18 @@ The stream's order is the split's, except that rows are sorted by length within 
 small block (BATCHES_PER_BLOCK batches) so that a batch pads little. With one worker,
 batch size 1 and that order preserved, this is exactly the single-process
 `OnlineSVDClusterer.partial_fit` over the same order; with larger batches a worker's replica
-lags the central centroids by at most one batch, and with several workers each fills its
-own caches, so summaries reach the centroids in a different order.
+lags the central centroids by at most one batch. With grads.concurrency = W > 1 the stream
+is W independent streams: worker j takes the samples whose id hashes to j and refines its
+own copy of the centroids, and the actor merges the W copies in stream order when the pass
+ends. Shared centroids would make the result depend on how the workers' updates interleave;
+this way two runs assign every sample the same way (tests/gradientspace/test_stream.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +74,7 @@ ACTOR_CHECKPOINT = ".cluster-actor-state.npz"
 class GradientWorker:
     """Ray Data `map_batches` actor: the base model with the warm-up adapter, one per pool slot."""
 
-    def __init__(self, config: dict[str, Any], adapter_dir: str, mode: str, actor: Any = None):
+    def __init__(self, config: dict[str, Any], adapter_dir: str, mode: str, actor: Any = None, stream: int = 0):
         if mode not in MODES or (mode != "gradients" and actor is None):
             raise ValueError(f"mode must be one of {MODES} (stream and assign need the actor), got {mode!r}")
         cfg = config_from_dict(config)
@@ -84,6 +88,7 @@ class GradientWorker:
             raise ConfigError(f"grads.tokens=end: the chat template of {cfg.model.name!r} puts no end-of-turn text after "
                               "a reply; use grads.tokens=answer or all")
         self.mode, self.actor, self.cache_size, self.update = mode, actor, cfg.cluster.cache_size, cfg.cluster.update
+        self.stream = stream
         self.version: VersionToken | None = None
         self.centroids: np.ndarray | None = None
         self.features: GradientFeatures | None = None
@@ -91,7 +96,7 @@ class GradientWorker:
 
     def _refresh(self) -> None:
         """Bring the centroid replica up to the actor's version (only changed rows travel)."""
-        version, changed, mean = ray.get(self.actor.changed_since.remote(self.version))
+        version, changed, mean = ray.get(self.actor.changed_since.remote(self.version, self.stream))
         if self.centroids is None:
             self.centroids = np.stack([changed[k] for k in sorted(changed)])
             self.features = GradientFeatures(mean)
@@ -121,7 +126,7 @@ class GradientWorker:
         if self.mode == "stream" and self.update != "none":
             summaries = self.caches.add(clusters[usable], features)
             if summaries:  # waited for, so this worker's next refresh sees its own updates
-                ray.get(self.actor.apply_summaries.remote(summaries))
+                ray.get(self.actor.apply_summaries.remote(summaries, self.stream))
         labels = batch["label"].to_pylist()
         return out | {"cluster": clusters, "similarity": similarity, "label": np.asarray(labels, dtype=object)}
 
@@ -150,20 +155,44 @@ def split_rows(split: str) -> ray.data.Dataset:
     return ray.data.read_parquet(files, filesystem=fs, columns=INPUT_COLUMNS, ray_remote_args={"num_cpus": 0})
 
 
-def _gradient_pass(cfg: Config, rows: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any = None):
-    """Batches (pyarrow) of one pass of the worker pool over `rows`, in input order, streamed."""
+def _rows_of_stream(block: pa.Table, stream: int, streams: int) -> pa.Table:
+    """The block's rows that belong to one stream: a fixed share of the samples, by a stable hash of the id."""
+    keep = [zlib.crc32(sample_id.encode()) % streams == stream for sample_id in block["sample_id"].to_pylist()]
+    return block.filter(pa.array(keep, type=pa.bool_()))
+
+
+def _worker_pool(cfg: Config, rows: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any, size: int,
+                 stream: int = 0) -> ray.data.Dataset:
     grads = cfg.grads
-    mapped = _length_sorted(rows, grads.batch_size * BATCHES_PER_BLOCK).map_batches(
+    return _length_sorted(rows, grads.batch_size * BATCHES_PER_BLOCK).map_batches(
         GradientWorker,
-        fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor},
+        fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor,
+                               "stream": stream},
         batch_size=grads.batch_size, batch_format="pyarrow",
-        # One batch at a time per actor, in order: its centroid replica and caches are
-        # sequential state, and the stream's result must not depend on scheduling.
-        compute=ray.data.ActorPoolStrategy(
-            size=grads.concurrency, max_tasks_in_flight_per_actor=1, max_concurrent_calls_per_actor=1
-        ),
+        # One batch at a time per actor, in order: its centroid replica and caches are sequential state.
+        compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1, max_concurrent_calls_per_actor=1),
         num_cpus=grads.num_cpus_per_actor, num_gpus=grads.num_gpus_per_actor,
     )
+
+
+def _gradient_pass(cfg: Config, rows: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any = None):
+    """Batches (pyarrow) of one pass of the worker pool over `rows`, in input order, streamed.
+
+    Modes "gradients" and "assign" change no state, so a pool of grads.concurrency workers
+    shares the rows however Ray schedules them. A "stream" pass with several workers gives
+    each its own stream (its own share of the rows, its own centroids in the actor, merged
+    at the end by `ClusterActor.finish_stream`): the assignments then do not depend on
+    scheduling. Each stream reads the split and keeps its share, so the split is read
+    grads.concurrency times: cheap next to the gradients.
+    """
+    streams = cfg.grads.concurrency if mode == "stream" else 1
+    if streams == 1:
+        mapped = _worker_pool(cfg, rows, adapter_dir, mode, actor, cfg.grads.concurrency)
+    else:
+        shares = [rows.map_batches(_rows_of_stream, fn_kwargs={"stream": j, "streams": streams},
+                                   batch_format="pyarrow", num_cpus=0) for j in range(streams)]
+        pools = [_worker_pool(cfg, share, adapter_dir, mode, actor, 1, j) for j, share in enumerate(shares)]
+        mapped = pools[0].union(*pools[1:])
     return mapped.iter_batches(batch_format="pyarrow", batch_size=None)
 
 

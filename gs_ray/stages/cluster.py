@@ -47,9 +47,10 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
             ray.remote(ClusterActor)
             .options(num_cpus=0, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS,
                      scheduling_strategy=here)
-            .remote(cfg.cluster, initial_state, str(checkpoint))
+            .remote(cfg.cluster, initial_state, str(checkpoint), cfg.grads.concurrency)
         )
         streamed, bad_train = assign_split(cfg, storage.join(data, TRAIN_SPLIT), adapter_dir, actor, "stream")
+        ray.get(actor.finish_stream.remote())  # several workers' streams become one set of centroids, in stream order
         final = streamed
         if cfg.cluster.reassign:
             final, _ = assign_split(cfg, storage.join(data, TRAIN_SPLIT), adapter_dir, actor, "assign")
@@ -63,7 +64,7 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
             leftover.unlink(missing_ok=True)
     assignments = final
     summary: dict[str, Any] = {"k": fit["k"], "k_rule": fit["k_rule"], "k_candidates": fit["k_candidates"],
-                               "val_samples": fit["val_samples"],
+                               "val_samples": fit["val_samples"], "streams": cfg.grads.concurrency,
                                "actor_resumed_from_version": resumed_from,
                                "bad_gradients": checks.summary(fit.get("bad", []) + bad_train + bad_eval)}
     if cfg.cluster.reassign:

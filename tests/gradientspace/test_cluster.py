@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import gs_ray.gradientspace.cluster as cluster
 from gs_ray.config import ClusterConfig
+from gs_ray.gradientspace.actor import ClusterActor
 from gs_ray.gradientspace.cluster import (
     ClusterCaches,
     ClusterError,
@@ -305,3 +306,69 @@ def test_update_none_leaves_the_validation_centroids(small):
     clusters, _ = clusterer.partial_fit(rows)
     np.testing.assert_array_equal(clusterer.centroids, before)
     assert clusterer.version == 0 and adjusted_rand_score(labels, clusters) >= 0.95
+
+
+def _stream_through_actor(actor: ClusterActor, rows_of: dict[int, np.ndarray], order: list[int]) -> dict[int, list]:
+    """Workers that each own one stream, their batches of 5 rows taken in `order` (stream ids); as GradientWorker."""
+    tokens, replicas, features_of, caches = {}, {}, {}, {}
+    positions, clusters = dict.fromkeys(rows_of, 0), {j: [] for j in rows_of}
+    for j in order:
+        tokens[j], changed, mean = actor.changed_since(tokens.get(j), j)
+        if j not in replicas:
+            replicas[j] = np.stack([changed[k] for k in sorted(changed)])
+            features_of[j] = GradientFeatures(mean)
+            caches[j] = ClusterCaches(len(changed), actor.cfg.cache_size, replicas[j].shape[1], actor.cfg.update)
+        for k, row in changed.items():
+            replicas[j][k] = row
+        batch = features_of[j](rows_of[j][positions[j] : positions[j] + 5])
+        positions[j] += 5
+        assigned, _ = cluster.nearest_centroids(batch, replicas[j])
+        clusters[j].extend(assigned.tolist())
+        summaries = caches[j].add(assigned, batch)
+        if summaries:
+            actor.apply_summaries(summaries, j)
+    return clusters
+
+
+@pytest.mark.parametrize("update", ["mean", "ema"])
+def test_two_streams_give_the_same_result_however_their_batches_interleave(small, update):
+    """grads.concurrency = 2: each worker owns a stream, so scheduling cannot change an assignment or a centroid."""
+    fitted, rows, _ = small
+    cfg = dataclasses.replace(fitted.cfg, update=update)
+    rows_of = {0: rows[:300], 1: rows[300:600]}
+    one_then_other = [0] * 60 + [1] * 60
+    alternating = [j for pair in zip([1] * 60, [0] * 60) for j in pair]
+    results = []
+    for order in (one_then_other, alternating):
+        actor = ClusterActor(cfg, fitted.state_dict(), streams=2)
+        clusters = _stream_through_actor(actor, rows_of, order)
+        assert actor.clusterer.version == 0  # the streams moved only their own copies
+        actor.finish_stream()
+        results.append((clusters, actor.state_dict()))
+    (first, first_state), (second, second_state) = results
+    assert first == second
+    np.testing.assert_array_equal(first_state["centroids"], second_state["centroids"])
+    assert first_state["updates"].sum() > 0 and (first_state["updates"] == second_state["updates"]).all()
+    if update == "mean":  # the merged centroid is the direction of the validation sum plus every filled cache's sum
+        merged = fitted.sums.copy()
+        for j, stream_rows in rows_of.items():
+            features, assigned = fitted.features(stream_rows), np.asarray(first[j])
+            for k in range(fitted.k):
+                members = features[assigned == k]
+                merged[k] += members[: len(members) // 4 * 4].astype(np.float64).sum(axis=0)
+        np.testing.assert_allclose(first_state["centroids"], merged / np.linalg.norm(merged, axis=1, keepdims=True),
+                                   atol=1e-5)
+
+
+def test_an_actor_with_two_streams_resumes_both_from_its_checkpoint(small, tmp_path):
+    fitted, rows, _ = small
+    cfg = dataclasses.replace(fitted.cfg, update="mean", checkpoint_every=1)
+    checkpoint = str(tmp_path / "actor.npz")
+    actor = ClusterActor(cfg, fitted.state_dict(), checkpoint, streams=2)
+    _stream_through_actor(actor, {0: rows[:100], 1: rows[100:200]}, [0, 1] * 20)
+    restarted = ClusterActor(cfg, fitted.state_dict(), checkpoint, streams=2)  # as Ray re-runs the constructor
+    assert restarted.resumed_from() == max(c.version for c in actor.clusterers) > 0
+    for before, after in zip(actor.clusterers, restarted.clusterers):
+        np.testing.assert_array_equal(before.centroids, after.centroids)
+    with pytest.raises(ValueError, match="stream 2 is not one of this actor's 2"):
+        restarted.apply_summaries([], 2)

@@ -62,11 +62,19 @@ def test_one_worker_fixed_k_assigns_every_sample_once(tiny_finished_run):
     _check_every_sample_assigned_once(Path(cfg.run.run_dir), manifests["cluster"], cfg.cluster.k)
 
 
-def test_two_workers_automatic_k_and_reassignment(warm_run):
+def test_two_workers_automatic_k_and_reassignment_same_in_two_runs(warm_run):
     overrides = ("grads.concurrency=2", "cluster.reassign=true", "cluster.k_max=6", "cluster.cache_size=8")
+    _, first = _cluster(warm_run, *overrides)
+    first_table = pq.read_table(warm_run / "cluster" / "assignments.parquet")
+    first_centroids = load_file(str(warm_run / "cluster" / "centroids.safetensors"))["centroids"]
     _, manifest = _cluster(warm_run, *overrides)
     k = manifest["summary"]["k"]
     table = _check_every_sample_assigned_once(warm_run, manifest, k)
+    # Two workers, each its own stream: nothing depends on how Ray interleaved their batches.
+    assert manifest["summary"]["streams"] == 2 and first["summary"]["k"] == k
+    assert table.to_pylist() == first_table.to_pylist()
+    np.testing.assert_array_equal(load_file(str(warm_run / "cluster" / "centroids.safetensors"))["centroids"],
+                                  first_centroids)
     spectrum = json.loads((warm_run / "cluster" / "spectrum.json").read_text())
     assert 2 <= spectrum["k"] <= 6 and spectrum["k"] == k
     assert spectrum["singular_values"] == sorted(spectrum["singular_values"], reverse=True)
