@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from gs_ray.config import load_config
+from gs_ray.core.rundir import MANIFEST
 from gs_ray.evaluation.analysis import BLOCK_GRAM_PREFIX, cosine_matrix, load_analysis
 from gs_ray.evaluation.baselines import spherical_kmeans
 from gs_ray.evaluation.diagnostics import nearest_neighbour_agreement
@@ -98,7 +99,7 @@ def main() -> None:
                         help="cluster on these gradient blocks only (substrings of names like v_proj.lora_B)")
     args = parser.parse_args()
     analysis = Path(args.run_dir) / "analysis"
-    if not (analysis / "manifest.json").exists():
+    if not (analysis / MANIFEST).exists():
         sys.exit(f"cluster_options: {analysis} is not a finished analysis stage; run `gs-ray evaluate "
                  f"--run-dir {args.run_dir}` (or benchmarks/quality.py) first")
     cfg = load_config(str(Path(args.run_dir) / "config.yaml"))

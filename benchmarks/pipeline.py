@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 import ray
 
 from gs_ray.config import load_config
+from gs_ray.core import layout
 from gs_ray.core.rundir import RunDir
 from gs_ray.data.batches import load_split, pad_batch
 from gs_ray.gradientspace import stream as gradient_stream
@@ -124,7 +125,7 @@ def prepare(args, tmp: Path):
     started = time.perf_counter()
     run_stages(cfg, "warmup")
     run = RunDir(cfg.run.run_dir)
-    data_dir, adapter_dir = run.stage_dir("data"), str(run.stage_dir("warmup") / "adapter")
+    data_dir, adapter_dir = run.stage_dir(layout.DATA_STAGE), str(run.stage_dir(layout.WARMUP_STAGE) / layout.ADAPTER_DIRNAME)
     if args.max_train_rows:
         rows = load_split(str(data_dir / "train"))[: args.max_train_rows]
         bounded = tmp / "bounded-data"
@@ -163,11 +164,13 @@ def time_ray(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
 
 
 def _rows_in_stream_order(split: str, batch_size: int) -> list[dict]:
-    """The split's rows in the order the Ray side's actor sees them (the same blocks, cut and sorted
-    by length by the same function, without Ray), so both sides pad the same batches."""
+    """The split's rows in the order the Ray side's actor sees them: file by file, in windows of
+    the same size, each sorted by length by the same function, without Ray, so both sides pad
+    the same batches."""
     rows_per_block = batch_size * gradient_stream.BATCHES_PER_BLOCK
-    parts = gradient_stream._split_parts(split, rows_per_block)
-    return [row for block in gradient_stream._length_sorted_blocks(parts, rows_per_block) for row in block.to_pylist()]
+    table = pa.concat_tables([pq.read_table(part) for part in sorted(Path(split).glob("*.parquet"))])
+    windows = (table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block))
+    return [row for window in windows for row in gradient_stream._sorted_by_length(window).to_pylist()]
 
 
 def time_plain(cfg, data_dir: Path, adapter_dir: str, state: dict) -> dict:
@@ -258,8 +261,7 @@ def time_trivial(cfg, data_dir: Path) -> dict:
     started = time.perf_counter()
     with gradient_stream.ordered_execution():
         rows_per_block = grads.batch_size * gradient_stream.BATCHES_PER_BLOCK
-        parts = gradient_stream._split_parts(str(data_dir / "train"), rows_per_block)
-        blocks = ray.data.from_arrow_refs(gradient_stream._block_refs(parts, rows_per_block))
+        blocks = gradient_stream._length_sorted(gradient_stream.split_rows(str(data_dir / "train")), rows_per_block)
         mapped = blocks.map_batches(_Identity, batch_size=grads.batch_size, batch_format="pyarrow",
                                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=grads.num_cpus_per_actor)
         first, tables = None, []

@@ -44,6 +44,8 @@ import pyarrow.parquet as pq
 import ray
 
 from gs_ray.config import load_config
+from gs_ray.core import layout
+from gs_ray.core.rundir import MANIFEST
 from gs_ray.data.mixes import SEED, SOURCES, build_mix, write_mix
 from gs_ray.stages.pipeline import run_stages
 
@@ -70,11 +72,11 @@ def emit(record: dict) -> None:
 
 def read_cluster_stage(run_dir: Path) -> dict:
     """What one Stage II run found: K, spectrum, sizes, cross-tab and agreement (read before a re-run replaces it)."""
-    folder = run_dir / "cluster"
-    manifest = json.loads((folder / "manifest.json").read_text())
+    folder = run_dir / layout.CLUSTER_STAGE
+    manifest = json.loads((folder / MANIFEST).read_text())
     summary = manifest["summary"]
-    spectrum = json.loads((folder / "spectrum.json").read_text())
-    table = pq.read_table(folder / "assignments.parquet", columns=["cluster", "label"]).to_pydict()
+    spectrum = json.loads((folder / layout.SPECTRUM_FILE).read_text())
+    table = pq.read_table(folder / layout.ASSIGNMENTS_FILE, columns=["cluster", "label"]).to_pydict()
     counts = Counter(zip(table["cluster"], table["label"]))
     crosstab = {f"cluster {k}": {source: counts.get((k, source), 0) for source in SOURCES} for k in range(summary["k"])}
     agreement = summary["agreement"]
