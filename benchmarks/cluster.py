@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from gs_ray.config import ClusterConfig
-from gs_ray.gradientspace.cluster import ClusterCaches, OnlineSVDClusterer
+from gs_ray.gradientspace.caches import ClusterCaches
+from gs_ray.gradientspace.cluster import OnlineSVDClusterer
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"

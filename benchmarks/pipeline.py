@@ -65,7 +65,8 @@ from gs_ray.core.rundir import RunDir
 from gs_ray.data.batches import load_split, pad_batch
 from gs_ray.gradientspace import stream as gradient_stream
 from gs_ray.gradientspace.actor import ClusterActor
-from gs_ray.gradientspace.cluster import ClusterCaches, OnlineSVDClusterer, nearest_centroids
+from gs_ray.gradientspace.caches import ClusterCaches
+from gs_ray.gradientspace.cluster import OnlineSVDClusterer, nearest_centroids
 from gs_ray.stages.pipeline import run_stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,7 +262,7 @@ def time_trivial(cfg, data_dir: Path) -> dict:
     started = time.perf_counter()
     with gradient_stream.ordered_execution():
         rows_per_block = grads.batch_size * gradient_stream.BATCHES_PER_BLOCK
-        blocks = gradient_stream._length_sorted(gradient_stream.split_rows(str(data_dir / "train")), rows_per_block)
+        blocks = gradient_stream._length_sorted(gradient_stream.split_rows(str(data_dir / "train")), rows_per_block, 1)
         mapped = blocks.map_batches(_Identity, batch_size=grads.batch_size, batch_format="pyarrow",
                                     compute=ray.data.ActorPoolStrategy(size=1), num_cpus=grads.num_cpus_per_actor)
         first, tables = None, []

@@ -17,8 +17,10 @@ against the topic:
 
 Prints one JSON line per set ({"figure": "set"}), one per family with the mean and the spread
 over seeds ({"figure": "family"}), and a summary ({"figure": "summary"}: K hit rate, the
-online-minus-offline gap, gradientspace minus MiniLM). --quick is a smoke run on the tiny random
-model (its figures mean nothing; under 10 minutes on 2 cores): one seed, 20 rows per skill.
+online-minus-offline gap, gradientspace minus MiniLM). Each set's run folder keeps
+FEATURES_FILE, the training features as coordinates, to compare K rules offline. --quick is
+a smoke run on the tiny random model (its figures mean nothing; under 10 minutes on 2
+cores): one seed, 20 rows per skill.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ SPLIT_OVERRIDES = ("data.id_column=id", "data.label_column=skill", "data.sample_
                    "data.val_fraction=0.25", "data.eval_fraction=0.05")
 """A quarter of each mix warms up, a quarter chooses K and the initial centroids, the rest is clustered."""
 QUICK_OVERRIDES = ("warmup.max_steps=6",)
+FEATURES_FILE = "train_features.npz"
+"""In each set's run folder: the training split's feature coordinates, ids, skills and topics."""
 
 
 def emit(record: dict) -> None:
@@ -123,6 +127,10 @@ def score_set(cfg: Config, family: str, seed: int, truth: dict[str, dict], manif
         grads = np.asarray(grads)
         coordinates = isometric_rows(production_features(cfg, run, grads))
         projected = rademacher_project(grads, PROJECTION_DIM, seed)
+    # The training split's features as n x n coordinates (same inner products): what a K rule or a
+    # clustering needs, kept so that rules can be compared offline without recomputing gradients.
+    np.savez(run.root / FEATURES_FILE, coordinates=coordinates, ids=np.asarray(ids),
+             skill=np.asarray([truth[i]["skill"] for i in ids]), topic=np.asarray([truth[i]["topic"] for i in ids]))
     texts = [truth[i]["instruction"] for i in ids]
     embedded = embed_texts(cfg.router, texts)
     methods = {

@@ -172,6 +172,9 @@ class GradsConfig:
     """GPUs per gradient actor; 0 on CPU."""
     num_cpus_per_actor: float = 1.0
     """CPUs per gradient actor (torch uses as many threads)."""
+    object_store_mib: int = 16
+    """Soft cap on the object store Stage II's blocks may hold (0: Ray Data's default, a share of the store). A few
+    read files' worth keeps the actors fed and the footprint flat in N (benchmarks/scale.py, docs/scaling.md)."""
     tokens: str = "end"
     """Target tokens each sample's loss (and so its gradient) is taken over: `end`, the chat template's end-of-turn
     tokens (one target shared by every sample, so the gradient reflects the context rather than the answer's own
@@ -184,6 +187,7 @@ class GradsConfig:
         _check(self.concurrency >= 1, "grads.concurrency", f"must be >= 1, got {self.concurrency}")
         _check(self.num_gpus_per_actor >= 0, "grads.num_gpus_per_actor", "must be >= 0")
         _check(self.num_cpus_per_actor > 0, "grads.num_cpus_per_actor", "must be > 0")
+        _check(self.object_store_mib >= 0, "grads.object_store_mib", f"must be >= 0, got {self.object_store_mib}")
 
 
 @dataclass
@@ -194,7 +198,8 @@ class ClusterConfig:
     """Number of clusters; 0 chooses K by k_rule on the validation gradients."""
     k_rule: str = "silhouette"
     """How K is chosen when k = 0: `silhouette` (spherical k-means at each K, the best mean cosine silhouette),
-    `eigengap` (normalized Laplacian of the cosine affinity) or `gap` (largest relative singular-value gap). The
+    `eigengap` (normalized Laplacian of the cosine affinity), `prediction_strength` (the largest K whose clusters a
+    random half of the rows finds again) or `gap` (largest relative singular-value gap). The
     cluster stage records every rule's choice in spectrum.json; benchmarks/RESULTS.md gives their hit rates."""
     k_min: int = 2
     """Smallest K the rule may choose."""
@@ -225,7 +230,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _check(self.k == 0 or self.k >= 2, "cluster.k", f"must be 0 (automatic) or >= 2, got {self.k}")
-        _check_choice(self.k_rule, ("gap", "silhouette", "eigengap"), "cluster.k_rule")
+        _check_choice(self.k_rule, ("gap", "silhouette", "eigengap", "prediction_strength"), "cluster.k_rule")
         _check_choice(self.update, ("ema", "mean", "none"), "cluster.update")
         _check(2 <= self.k_min <= self.k_max, "cluster.k_min", f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         _check(self.cache_size >= 2, "cluster.cache_size", f"must be >= 2, got {self.cache_size}")

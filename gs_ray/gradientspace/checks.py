@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gs_ray.gradientspace.cluster import ZERO_NORM, ClusterError
+from gs_ray.gradientspace.caches import ZERO_NORM
+from gs_ray.gradientspace.cluster import ClusterError
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,12 @@
 3. Initial centroids: k-means (k-means++, cosine) on the row-normalized coordinates P s of the
    Gram eigendecomposition, the top K or all m of them (spherical k-means on the full-d
    features; `cluster.init_coordinates`); c_k = normalized mean of its members' features.
-4. Streaming: assign u to argmax_k <u, c_k>, append it to cache_k (capacity C); when a cache
-   fills, v = its top right singular vector, signed so <v, c_k> >= 0, and
-   c_k <- normalize((1 - beta) c_k + beta v). State is O(K C d), never O(N d).
+4. Streaming: assign u to argmax_k <u, c_k> and add it to cache_k (capacity C). When a cache
+   fills, update=mean adds its sum to cluster k's running sum, c_k its direction (online
+   spherical k-means); update=ema blends in its top right singular vector v (signed to c_k):
+   c_k <- normalize((1 - beta) c_k + beta v). State is O(K d) (ema: O(K C d)), never O(N d).
 
-A distributed worker runs steps 1, 4's assignment and `ClusterCaches` locally and sends only
+A distributed worker runs steps 1, 4's assignment and its caches (gs_ray.gradientspace.caches) locally and sends only
 the (k, v) summaries; `apply_summary` on the central copy then reproduces `partial_fit`.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 from gs_ray.config import ClusterConfig
 from gs_ray.core.errors import GsRayError
 from gs_ray.gradientspace import k_rules
+from gs_ray.gradientspace.caches import FEATURE_DTYPE, ZERO_NORM, ClusterCaches
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +33,8 @@ VersionToken = tuple[str, int]
 
 COLUMN_BLOCK = 16384
 """Columns of the m x d validation matrix read at a time: bounds memory for np.memmap inputs."""
-ZERO_NORM = 1e-12
-"""Rows with a norm at or below this carry no direction: their features stay exactly zero."""
 KMEANS_N_INIT = 10
 """k-means restarts for the initial centroids (best inertia wins)."""
-FEATURE_DTYPE = np.float32
-"""Features, centroids and caches are float32; Gram matrices are accumulated in float64."""
 
 
 class ClusterError(GsRayError):
@@ -106,59 +104,6 @@ def spectrum_from_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def singular_spectrum(features) -> tuple[np.ndarray, np.ndarray]:
     """Singular values (descending, length m) and left singular vectors (m x m) of an m x d matrix."""
     return spectrum_from_gram(gram_matrix(features))
-
-
-def top_singular_vector(rows: np.ndarray) -> np.ndarray:
-    """Unit top right singular vector of a C x d matrix via its C x C Gram; zero if rows are all zero."""
-    rows = np.asarray(rows, dtype=FEATURE_DTYPE)
-    gram = (rows @ rows.T).astype(np.float64)
-    eigenvalues, eigenvectors = np.linalg.eigh(gram)
-    if eigenvalues[-1] <= ZERO_NORM:
-        return np.zeros(rows.shape[1], dtype=FEATURE_DTYPE)
-    vector = eigenvectors[:, -1].astype(FEATURE_DTYPE) @ rows
-    return (vector / np.linalg.norm(vector)).astype(FEATURE_DTYPE)
-
-
-class ClusterCaches:
-    """Per-cluster caches of capacity C; what a gradient worker keeps locally.
-
-    A cluster's C x d buffer is allocated when its first row arrives, so memory is that of
-    the clusters seen, at most K C d.
-    """
-
-    def __init__(self, k: int, cache_size: int, dim: int, update: str = "ema"):
-        self.cache_size, self.dim, self.update = cache_size, dim, update
-        self.buffers: dict[int, np.ndarray] = {}
-        self.counts = np.zeros(k, dtype=np.int64)
-
-    def add(self, clusters: np.ndarray, features: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Append rows to their caches in order; each time a cache fills, emit (k, its top singular vector) and empty it."""
-        summaries = []
-        for k, row in zip(np.asarray(clusters).tolist(), features):
-            buffer = self.buffers.get(k)
-            if buffer is None:
-                buffer = self.buffers[k] = np.zeros((self.cache_size, self.dim), dtype=FEATURE_DTYPE)
-            buffer[self.counts[k]] = row
-            self.counts[k] += 1
-            if self.counts[k] == self.cache_size:
-                summary = top_singular_vector(buffer) if self.update == "ema" else buffer.sum(axis=0)
-                summaries.append((k, summary))
-                self.counts[k] = 0
-        return summaries
-
-    def filled_rows(self) -> np.ndarray:
-        """The cached rows, cluster by cluster (counts say how many belong to each): all a resume needs."""
-        parts = [self.buffers[k][: self.counts[k]] for k in range(len(self.counts)) if self.counts[k]]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=FEATURE_DTYPE)
-
-    def restore(self, rows: np.ndarray, counts: np.ndarray) -> None:
-        """Refill from `filled_rows` output and its counts."""
-        self.counts[...] = 0
-        start = 0
-        for k, count in enumerate(np.asarray(counts, dtype=np.int64).tolist()):
-            if count:
-                self.add(np.full(count, k), rows[start : start + count])
-                start += count
 
 
 UPDATES = ("ema", "mean", "none")
@@ -253,7 +198,7 @@ class OnlineSVDClusterer:
         self.caches = ClusterCaches(k, self.cfg.cache_size, dim, self.cfg.update)
         return {"k": k, "singular_values": singular_values, "gaps": list(gaps), "k_rule": rule,
                 "k_candidates": candidates["k"], "silhouette": candidates["silhouette"],
-                "eigengaps": candidates["eigengap"]}
+                "eigengaps": candidates["eigengap"], "prediction_strength": candidates["prediction_strength"]}
 
     def _k_candidates(self, singular_values: np.ndarray, coordinates: np.ndarray, cosines: np.ndarray) -> dict:
         """What each K rule picks on these validation features (all are recorded; cluster.k_rule's is used)."""
@@ -262,15 +207,23 @@ class OnlineSVDClusterer:
             if not cfg.k:
                 raise ClusterError(f"choosing K in [{cfg.k_min}, {cfg.k_max}] needs more than {cfg.k_min} validation "
                                    f"rows with a gradient, got {len(coordinates)}")
-            return {"k": {}, "gap": [], "silhouette": {}, "eigengap": [], "labels": {}}
+            return {"k": {}, "gap": [], "silhouette": {}, "eigengap": [], "prediction_strength": {}, "labels": {}}
         try:
             gap_k, gaps = k_rules.relative_gap_k(singular_values, cfg.k_min, cfg.k_max, cfg.center)
             silhouette_k, silhouettes, labels = k_rules.silhouette_k(coordinates, cfg.k_min, cfg.k_max, self.seed)
             eigengap_k, eigengaps = k_rules.eigengap_k(cosines, cfg.k_min, cfg.k_max)
         except k_rules.KRuleError as exc:
             raise ClusterError(str(exc)) from exc
-        return {"k": {"gap": gap_k, "silhouette": silhouette_k, "eigengap": eigengap_k}, "gap": gaps,
-                "silhouette": silhouettes, "eigengap": eigengaps, "labels": labels}
+        chosen = {"gap": gap_k, "silhouette": silhouette_k, "eigengap": eigengap_k}
+        strengths = {}
+        try:  # needs twice the rows of the others: recorded where it can be computed, an error only if it was asked for
+            chosen["prediction_strength"], strengths = k_rules.prediction_strength_k(coordinates, cfg.k_min,
+                                                                                     cfg.k_max, self.seed)
+        except k_rules.KRuleError as exc:
+            if cfg.k_rule == "prediction_strength" and not cfg.k:
+                raise ClusterError(f"cluster.k_rule=prediction_strength: {exc}") from exc
+        return {"k": chosen, "gap": gaps, "silhouette": silhouettes, "eigengap": eigengaps,
+                "prediction_strength": strengths, "labels": labels}
 
     def _initial_labels(self, coordinates: np.ndarray, k: int,
                         labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

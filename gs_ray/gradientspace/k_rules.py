@@ -9,6 +9,12 @@ each would have chosen (spectrum.json) and benchmarks/skills.py can score them a
   of the features, K with the highest mean silhouette (cosine distance).
 - `eigengap`: spectral clustering's rule, the largest gap between consecutive eigenvalues of the
   normalized Laplacian of the cosine affinity (negative cosines count as 0).
+- `prediction_strength` (Tibshirani and Walther, 2005): split the rows in random halves, cluster
+  both; for each cluster of one half, the share of its pairs that the other half's centroids
+  also put together; the worst cluster's share, averaged over splits. K with the highest
+  strength (the clusters a second sample of the same data finds again). The paper's own
+  choice, the largest K above a threshold, took a split cluster (strength 0.81 to 0.86) over
+  the planted K (1.0) on tests/gradientspace/test_cluster.py's sets.
 
 Which one runs is cluster.k_rule; benchmarks/RESULTS.md (planted skills) says how often each
 found the planted K.
@@ -20,10 +26,14 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-K_RULES = ("gap", "silhouette", "eigengap")
+K_RULES = ("gap", "silhouette", "eigengap", "prediction_strength")
 KMEANS_N_INIT = 10
 """k-means restarts per K (best inertia wins)."""
 ZERO_NORM = 1e-12
+PREDICTION_STRENGTH_SPLITS = 5
+"""Random halvings averaged per K."""
+PREDICTION_STRENGTH_N_INIT = 3
+"""k-means restarts per half (each half is clustered at every K, so fewer than KMEANS_N_INIT)."""
 
 
 class KRuleError(ValueError):
@@ -86,3 +96,40 @@ def eigengap_k(cosines: np.ndarray, k_min: int, k_max: int) -> tuple[int, list[f
     ks = k_range(k_min, k_max, len(affinity))
     gaps = [float(eigenvalues[k] - eigenvalues[k - 1]) for k in ks]
     return ks.start + int(np.argmax(gaps)), gaps
+
+
+def _pair_share_kept(test_labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Over the test clusters with a pair, the smallest share of their pairs that `predicted` also puts together."""
+    shares = []
+    for cluster in np.unique(test_labels):
+        found = predicted[test_labels == cluster]
+        if len(found) < 2:
+            continue
+        counts = np.bincount(found)
+        shares.append(float((counts * (counts - 1)).sum()) / (len(found) * (len(found) - 1)))
+    return min(shares) if shares else 0.0
+
+
+def prediction_strength_k(coordinates: np.ndarray, k_min: int, k_max: int, seed: int) -> tuple[int, dict[int, float]]:
+    """(K with the highest prediction strength, the larger on a tie; the strength of each K).
+
+    K is searched up to half the rows less one, since each half must hold K clusters."""
+    units = unit_rows(coordinates)
+    rows = len(units)
+    if rows // 2 - 1 < k_min:
+        raise KRuleError(f"prediction strength at K >= {k_min} needs at least {2 * (k_min + 1)} validation rows, "
+                         f"got {rows}")
+    ks = k_range(k_min, min(k_max, rows // 2 - 1), rows)
+    generator = np.random.default_rng(seed)
+    halvings = [generator.permutation(rows) for _ in range(PREDICTION_STRENGTH_SPLITS)]
+    strengths = {}
+    for k in ks:
+        kept = []
+        for order in halvings:
+            train, test = units[order[: rows // 2]], units[order[rows // 2 :]]
+            fitted = [KMeans(n_clusters=k, init="k-means++", n_init=PREDICTION_STRENGTH_N_INIT, random_state=seed).fit(half)
+                      for half in (train, test)]
+            predicted = np.argmax(test @ unit_rows(fitted[0].cluster_centers_).T, axis=1)
+            kept.append(_pair_share_kept(fitted[1].labels_, predicted))
+        strengths[k] = float(np.mean(kept))
+    return max(strengths, key=lambda k: (strengths[k], k)), strengths

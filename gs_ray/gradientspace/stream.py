@@ -50,8 +50,8 @@ from gs_ray.data.batches import load_split, pad_batch
 from gs_ray.data.prepare import end_of_turn_ids
 from gs_ray.gradientspace import checks
 from gs_ray.gradientspace.checks import gradient_problems
+from gs_ray.gradientspace.caches import ClusterCaches
 from gs_ray.gradientspace.cluster import (
-    ClusterCaches,
     GradientFeatures,
     OnlineSVDClusterer,
     VersionToken,
@@ -136,23 +136,28 @@ def _sorted_by_length(block: pa.Table) -> pa.Table:
     return block.take(pc.sort_indices(pc.list_value_length(block["input_ids"])))
 
 
-def _length_sorted(rows: ray.data.Dataset, rows_per_block: int) -> ray.data.Dataset:
+def _length_sorted(rows: ray.data.Dataset, rows_per_block: int, tasks: int) -> ray.data.Dataset:
     """The rows in consecutive blocks of rows_per_block, each sorted by length (a lazy, streamed plan).
 
-    The sort runs in zero-CPU tasks fused with the read: they never wait for a CPU the actor
-    pool holds (one actor of 2 CPUs on 2 cores would otherwise deadlock), and Ray Data's
-    backpressure keeps only a bounded number of blocks in the object store however long the split.
+    The sort runs in zero-CPU tasks, so it never waits for a CPU the actor pool holds (one actor
+    of 2 CPUs on 2 cores would otherwise deadlock); `tasks` caps them, because zero-CPU tasks are
+    otherwise launched without limit, each holding a block (benchmarks/scale.py).
     """
-    return rows.map_batches(_sorted_by_length, batch_size=rows_per_block, batch_format="pyarrow", num_cpus=0)
+    return rows.map_batches(_sorted_by_length, batch_size=rows_per_block, batch_format="pyarrow", num_cpus=0,
+                            concurrency=tasks)
 
 
-def split_rows(split: str) -> ray.data.Dataset:
-    """A split's rows (INPUT_COLUMNS), file by file in name order, read where they are (path or URI) as a stream."""
+def split_rows(split: str, readers: int = 1) -> ray.data.Dataset:
+    """A split's rows (INPUT_COLUMNS), file by file in name order, read where they are (path or URI) as a stream.
+
+    At most `readers` files are read at a time: a read is fast next to the gradients of its rows, and
+    zero-CPU reads would otherwise all start at once and fill the object store with the whole split.
+    """
     fs, root = storage.resolve(split)
     files = [f"{root}/{name}" for name in sorted(n for n in storage.file_sizes(split) if n.endswith(".parquet"))]
     if not files:
         raise DataError(f"the split under {split} is empty: nothing to assign")
-    return ray.data.read_parquet(files, filesystem=fs, columns=INPUT_COLUMNS, ray_remote_args={"num_cpus": 0})
+    return ray.data.read_parquet(files, filesystem=fs, columns=INPUT_COLUMNS, num_cpus=0, concurrency=readers)
 
 
 def _rows_of_stream(block: pa.Table, stream: int, streams: int) -> pa.Table:
@@ -164,7 +169,7 @@ def _rows_of_stream(block: pa.Table, stream: int, streams: int) -> pa.Table:
 def _worker_pool(cfg: Config, rows: ray.data.Dataset, adapter_dir: str, mode: str, actor: Any, size: int,
                  stream: int = 0) -> ray.data.Dataset:
     grads = cfg.grads
-    return _length_sorted(rows, grads.batch_size * BATCHES_PER_BLOCK).map_batches(
+    return _length_sorted(rows, grads.batch_size * BATCHES_PER_BLOCK, size).map_batches(
         GradientWorker,
         fn_constructor_kwargs={"config": cfg.to_dict(), "adapter_dir": adapter_dir, "mode": mode, "actor": actor,
                                "stream": stream},
@@ -190,22 +195,33 @@ def _gradient_pass(cfg: Config, rows: ray.data.Dataset, adapter_dir: str, mode: 
         mapped = _worker_pool(cfg, rows, adapter_dir, mode, actor, cfg.grads.concurrency)
     else:
         shares = [rows.map_batches(_rows_of_stream, fn_kwargs={"stream": j, "streams": streams},
-                                   batch_format="pyarrow", num_cpus=0) for j in range(streams)]
+                                   batch_format="pyarrow", num_cpus=0, concurrency=1) for j in range(streams)]
         pools = [_worker_pool(cfg, share, adapter_dir, mode, actor, 1, j) for j, share in enumerate(shares)]
         mapped = pools[0].union(*pools[1:])
     return mapped.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
+BLOCKS_UNDER_CAP = 8
+"""With an object-store cap, blocks are cut to at most cap / BLOCKS_UNDER_CAP: a read file of any size
+then streams through in pieces, so that several operators' blocks fit under the cap at once."""
+
+
 @contextlib.contextmanager
-def ordered_execution():
-    """Keep Ray Data's output in input order: streaming results then depend on the seed only."""
+def ordered_execution(object_store_mib: int = 0):
+    """Keep Ray Data's output in input order (streaming results then depend on the seed only) and, if
+    object_store_mib > 0, cap the object store its blocks may hold (Ray Data's own default is a share
+    of the store, so the stream's footprint would grow with the store rather than stay flat)."""
     context = ray.data.DataContext.get_current()
-    previous = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True
+    options = context.execution_options
+    previous = options.preserve_order, options.resource_limits, context.target_max_block_size
+    options.preserve_order = True
+    if object_store_mib:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=object_store_mib * 2**20)
+        context.target_max_block_size = object_store_mib * 2**20 // BLOCKS_UNDER_CAP
     try:
         yield
     finally:
-        context.execution_options.preserve_order = previous
+        options.preserve_order, options.resource_limits, context.target_max_block_size = previous
 
 
 def _validation_rows(cfg: Config, data: str) -> list[dict]:
@@ -263,7 +279,7 @@ def assign_split(cfg: Config, split: str, adapter_dir: str, actor: Any, mode: st
     (sample_id, problem) of those left out under cluster.on_bad_gradient=skip). Under `error`, the first
     batch with an unusable gradient stops the pass."""
     tables, bad = [], []
-    for batch in _gradient_pass(cfg, split_rows(split), adapter_dir, mode, actor):
+    for batch in _gradient_pass(cfg, split_rows(split, cfg.grads.concurrency), adapter_dir, mode, actor):
         if not batch.num_rows:
             continue
         found = checks.bad_samples(batch["sample_id"].to_pylist(), batch["problem"].to_pylist())

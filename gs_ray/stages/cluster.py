@@ -36,7 +36,7 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
 
     `data` is the data stage's folder and `adapter_dir` the warm-up adapter, each a path or URI every node can read.
     """
-    with ordered_execution():
+    with ordered_execution(cfg.grads.object_store_mib):
         clusterer, fit = fit_on_validation(cfg, data, adapter_dir, out_dir)
         checkpoint = out_dir / ACTOR_CHECKPOINT
         # Pinned to this node: its checkpoint is in this node's staging folder, and a restart must find it.
@@ -81,7 +81,8 @@ def cluster_training_split(cfg: Config, data: str, adapter_dir: str, out_dir: Pa
                 "singular_values": [float(s) for s in fit["singular_values"]], "gaps": fit["gaps"],
                 "gap_index_offset": cfg.cluster.k_min - (1 if cfg.cluster.center else 0),
                 "k_candidates": fit["k_candidates"], "silhouette": {str(k): s for k, s in fit["silhouette"].items()},
-                "eigengaps": fit["eigengaps"]}
+                "eigengaps": fit["eigengaps"],
+                "prediction_strength": {str(k): s for k, s in fit["prediction_strength"].items()}}
     (out_dir / layout.SPECTRUM_FILE).write_text(json.dumps(spectrum, indent=2))
     clusters = np.asarray(assignments["cluster"])
     summary |= {

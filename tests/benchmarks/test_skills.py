@@ -33,7 +33,7 @@ def test_skills_quick_scores_every_method_against_skill_and_topic(ray_start_4_cp
     assert [s["family"] for s in sets] == families
     for found in sets:
         assert found["k_true"] == true_k(found["family"]) and set(found["methods"]) == METHODS
-        assert set(found["k_candidates"]) == {"gap", "silhouette", "eigengap"}
+        assert set(found["k_candidates"]) == {"gap", "silhouette", "eigengap", "prediction_strength"}
         assert found["k_chosen"] == found["k_candidates"]["silhouette"]  # the default rule decided
         for scores in found["methods"].values():
             assert all(0.0 <= scores[against]["nmi"] <= 1.0 for against in ("skill", "topic"))
@@ -42,5 +42,5 @@ def test_skills_quick_scores_every_method_against_skill_and_topic(ray_start_4_cp
         assert len(rows) == 20 * len({json.loads(r)["skill"] for r in rows}) == 20 * found["k_true"]
     summary = figures[-1]
     assert summary["figure"] == "summary" and summary["sets"] == len(families)
-    assert set(summary["k_hits_per_rule"]) == {"gap", "silhouette", "eigengap"}
+    assert set(summary["k_hits_per_rule"]) == {"gap", "silhouette", "eigengap", "prediction_strength"}
     assert set(FAMILIES) >= set(families)

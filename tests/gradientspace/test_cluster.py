@@ -10,15 +10,9 @@ from sklearn.metrics import adjusted_rand_score
 import gs_ray.gradientspace.cluster as cluster
 from gs_ray.config import ClusterConfig
 from gs_ray.gradientspace.actor import ClusterActor
-from gs_ray.gradientspace.cluster import (
-    ClusterCaches,
-    ClusterError,
-    GradientFeatures,
-    OnlineSVDClusterer,
-    singular_spectrum,
-    top_singular_vector,
-)
-from gs_ray.gradientspace.k_rules import KRuleError
+from gs_ray.gradientspace.caches import ClusterCaches, top_singular_vector
+from gs_ray.gradientspace.cluster import ClusterError, GradientFeatures, OnlineSVDClusterer, singular_spectrum
+from gs_ray.gradientspace.k_rules import KRuleError, prediction_strength_k
 from gs_ray.gradientspace.k_rules import relative_gap_k as choose_k
 
 DIM = 3000
@@ -60,12 +54,29 @@ def test_recovers_planted_clusters_and_k(k, init_coordinates):
     assert info["k"] == clusterer.k == k
     assert info["k_rule"] == "cluster.k_rule=silhouette"
     # Well-separated planted clusters: every rule finds K (the planted sets of benchmarks/skills.py are harder).
-    assert info["k_candidates"] == {"gap": k, "silhouette": k, "eigengap": k}
+    assert info["k_candidates"] == {"gap": k, "silhouette": k, "eigengap": k, "prediction_strength": k}
     clusters, similarities = clusterer.partial_fit(rows[N_VAL:])
     assert adjusted_rand_score(labels[N_VAL:], clusters) >= 0.95
     assert clusters.dtype == np.int64 and similarities.dtype == np.float32
     assert clusterer.updates.sum() == clusterer.version > 0
     np.testing.assert_allclose(np.linalg.norm(clusterer.centroids, axis=1), 1.0, atol=1e-5)
+
+
+def test_prediction_strength_needs_two_halves_of_k_clusters_and_says_so():
+    rows, _ = planted(2, 5, seed=3)
+    chosen = OnlineSVDClusterer(ClusterConfig(k=0, k_max=4), seed=0).fit_validation(rows)
+    assert "prediction_strength" not in chosen["k_candidates"] and chosen["k_candidates"]["silhouette"] >= 2
+    with pytest.raises(ClusterError, match=r"cluster.k_rule=prediction_strength: .* needs at least 6 validation rows, got 5"):
+        OnlineSVDClusterer(ClusterConfig(k=0, k_max=4, k_rule="prediction_strength"), seed=0).fit_validation(rows)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_prediction_strength_peaks_at_the_planted_k(seed):
+    """A split cluster or two merged ones are found differently by the two halves; the planted three are not."""
+    rows, _ = planted(3, 240, seed=seed)
+    k, strengths = prediction_strength_k(GradientFeatures(None)(rows), 2, 8, seed=0)
+    assert k == 3 and strengths[3] >= 0.95
+    assert max(strength for j, strength in strengths.items() if j != 3) < 0.9
 
 
 def test_without_centering_the_shared_direction_dominates():
@@ -208,8 +219,34 @@ def test_remote_worker_reduces_to_partial_fit(small, update):
     assert central.version == reference.version and (central.updates == reference.updates).all()
 
 
-def test_state_round_trip_through_npz_resumes_identically(small, tmp_path):
+def test_mean_caches_emit_each_full_caches_sum_and_keep_one_row_per_cluster():
+    rng = np.random.default_rng(4)
+    clusters = rng.integers(0, 3, 50)
+    rows = rng.standard_normal((50, 20)).astype(np.float32)
+    caches = ClusterCaches(3, 4, 20, "mean")
+    emitted = caches.add(clusters[:17], rows[:17]) + caches.add(clusters[17:], rows[17:])
+    for k in range(3):
+        members = np.flatnonzero(clusters == k)
+        sums = [rows[members[start : start + 4]].sum(axis=0) for start in range(0, len(members) - 3, 4)]
+        np.testing.assert_allclose([vector for c, vector in emitted if c == k], sums, rtol=1e-5, atol=1e-5)
+        assert caches.buffers[k].shape == (1, 20)
+    leftover = caches.filled_rows()
+    assert len(leftover) == int((caches.counts > 0).sum())
+    again = ClusterCaches(3, 4, 20, "mean")
+    again.restore(leftover, caches.counts)
+    tail = rng.standard_normal((12, 20)).astype(np.float32)
+    more = rng.integers(0, 3, 12)
+    for (k1, v1), (k2, v2) in zip(caches.add(more, tail), again.add(more, tail), strict=True):
+        assert k1 == k2
+        np.testing.assert_array_equal(v1, v2)
+
+
+@pytest.mark.parametrize("update", ["mean", "ema"])
+def test_state_round_trip_through_npz_resumes_identically(small, tmp_path, update):
     fitted, rows, _ = small
+    fitted = copy.deepcopy(fitted)
+    fitted.cfg = dataclasses.replace(fitted.cfg, update=update)
+    fitted.caches = ClusterCaches(fitted.k, fitted.cfg.cache_size, fitted.dim, update)
     uninterrupted = copy.deepcopy(fitted)
     first = copy.deepcopy(fitted)
     first.partial_fit(rows[:301])  # leaves caches part-full
@@ -265,11 +302,16 @@ def test_bad_input_is_a_clear_error(small):
         small[0].assign(rows[0])
 
 
-def test_streaming_ten_times_more_rows_keeps_state_size(small):
-    """Memory is O(K C d) whatever the stream's length: the fixed state never grows, the caches stay under K x C rows."""
+@pytest.mark.parametrize("update", ["mean", "ema"])
+def test_streaming_ten_times_more_rows_keeps_state_size(small, update):
+    """Memory is O(K d) (ema: O(K C d)) whatever the stream's length: the fixed state never grows, and the caches
+    hold one running sum per cluster (ema: under K x C rows)."""
     fitted, rows, _ = small
     clusterer = copy.deepcopy(fitted)
+    clusterer.cfg = dataclasses.replace(clusterer.cfg, update=update)
     k, cache, dim = fitted.k, fitted.cfg.cache_size, fitted.dim
+    clusterer.caches = ClusterCaches(k, cache, dim, update)
+    kept = cache if update == "ema" else 1
     fixed = {key for key in clusterer.state_dict() if not key.startswith("cache_")}
     sizes = {key: np.asarray(clusterer.state_dict()[key]).nbytes for key in fixed}
     # Chunks of odd sizes: the caches are caught at many different fill levels, never only full or empty.
@@ -277,8 +319,9 @@ def test_streaming_ten_times_more_rows_keeps_state_size(small):
         clusterer.partial_fit(rows[:chunk])
         state = clusterer.state_dict()
         assert {key: np.asarray(state[key]).nbytes for key in fixed} == sizes
-        assert len(state["cache_rows"]) == int(state["cache_counts"].sum()) < k * cache
-        assert sum(buffer.nbytes for buffer in clusterer.caches.buffers.values()) <= k * cache * dim * 4
+        counts = state["cache_counts"]
+        assert len(state["cache_rows"]) == int(np.minimum(counts, kept).sum()) and (counts < cache).all()
+        assert sum(buffer.nbytes for buffer in clusterer.caches.buffers.values()) <= k * kept * dim * 4
     assert clusterer.version >= (7 + 13 + 29 + 60 + 3 + 41 + 17 + 60 + 11 + 23) // (k * cache)
 
 
