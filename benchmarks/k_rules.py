@@ -19,21 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from gs_ray.gradientspace import k_rules
-from gs_ray.gradientspace.cluster import gram_matrix, spectrum_from_gram
+from gs_ray.gradientspace.cluster import spectrum_from_gram
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES_FILE = "train_features.npz"  # benchmarks/skills.py writes it
 
 
 def rules_on(coordinates: np.ndarray, k_min: int, k_max: int, seed: int) -> dict[str, int]:
+    """Each rule's K, as the cluster stage computes them (the saved coordinates are centered features)."""
     units = k_rules.unit_rows(coordinates)
-    singular_values, _ = spectrum_from_gram(gram_matrix(units))
-    return {
-        "gap": k_rules.relative_gap_k(singular_values, k_min, k_max, centered=True)[0],
-        "silhouette": k_rules.silhouette_k(units, k_min, k_max, seed)[0],
-        "eigengap": k_rules.eigengap_k(units @ units.T, k_min, k_max)[0],
-        "prediction_strength": k_rules.prediction_strength_k(units, k_min, k_max, seed)[0],
-    }
+    cosines = units @ units.T
+    singular_values, _ = spectrum_from_gram(cosines)
+    return k_rules.every_rule(singular_values, units, cosines, k_min, k_max, centered=True, seed=seed)["k"]
 
 
 def main() -> None:

@@ -198,8 +198,8 @@ class ClusterConfig:
     """Number of clusters; 0 chooses K by k_rule on the validation gradients."""
     k_rule: str = "silhouette"
     """How K is chosen when k = 0: `silhouette` (spherical k-means at each K, the best mean cosine silhouette),
-    `eigengap` (normalized Laplacian of the cosine affinity), `prediction_strength` (the largest K whose clusters a
-    random half of the rows finds again) or `gap` (largest relative singular-value gap). The
+    `eigengap` (normalized Laplacian of the cosine affinity), `prediction_strength` (the K whose clusters a random
+    half of the rows finds again best) or `gap` (largest relative singular-value gap). The
     cluster stage records every rule's choice in spectrum.json; benchmarks/RESULTS.md gives their hit rates."""
     k_min: int = 2
     """Smallest K the rule may choose."""

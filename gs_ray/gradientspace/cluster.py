@@ -208,22 +208,14 @@ class OnlineSVDClusterer:
                 raise ClusterError(f"choosing K in [{cfg.k_min}, {cfg.k_max}] needs more than {cfg.k_min} validation "
                                    f"rows with a gradient, got {len(coordinates)}")
             return {"k": {}, "gap": [], "silhouette": {}, "eigengap": [], "prediction_strength": {}, "labels": {}}
+        needed = "" if cfg.k else cfg.k_rule
         try:
-            gap_k, gaps = k_rules.relative_gap_k(singular_values, cfg.k_min, cfg.k_max, cfg.center)
-            silhouette_k, silhouettes, labels = k_rules.silhouette_k(coordinates, cfg.k_min, cfg.k_max, self.seed)
-            eigengap_k, eigengaps = k_rules.eigengap_k(cosines, cfg.k_min, cfg.k_max)
+            return k_rules.every_rule(singular_values, coordinates, cosines, cfg.k_min, cfg.k_max, cfg.center,
+                                      self.seed, needed)
         except k_rules.KRuleError as exc:
-            raise ClusterError(str(exc)) from exc
-        chosen = {"gap": gap_k, "silhouette": silhouette_k, "eigengap": eigengap_k}
-        strengths = {}
-        try:  # needs twice the rows of the others: recorded where it can be computed, an error only if it was asked for
-            chosen["prediction_strength"], strengths = k_rules.prediction_strength_k(coordinates, cfg.k_min,
-                                                                                     cfg.k_max, self.seed)
-        except k_rules.KRuleError as exc:
-            if cfg.k_rule == "prediction_strength" and not cfg.k:
-                raise ClusterError(f"cluster.k_rule=prediction_strength: {exc}") from exc
-        return {"k": chosen, "gap": gaps, "silhouette": silhouettes, "eigengap": eigengaps,
-                "prediction_strength": strengths, "labels": labels}
+            # The rows > k_min checked above are all the other rules need: only prediction strength can fail here.
+            prefix = "cluster.k_rule=prediction_strength: " if needed == "prediction_strength" else ""
+            raise ClusterError(f"{prefix}{exc}") from exc
 
     def _initial_labels(self, coordinates: np.ndarray, k: int,
                         labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -133,3 +133,22 @@ def prediction_strength_k(coordinates: np.ndarray, k_min: int, k_max: int, seed:
             kept.append(_pair_share_kept(fitted[1].labels_, predicted))
         strengths[k] = float(np.mean(kept))
     return max(strengths, key=lambda k: (strengths[k], k)), strengths
+
+
+def every_rule(singular_values: np.ndarray, coordinates: np.ndarray, cosines: np.ndarray, k_min: int, k_max: int,
+               centered: bool, seed: int, needed: str = "") -> dict:
+    """What each rule picks on one set of features: {"k": {rule: K}, each rule's scores, "labels" (silhouette's
+    clustering at each K)}. Prediction strength needs twice the rows of the others: it is left out where it
+    cannot be computed, unless `needed` names it, when its KRuleError is raised like the others'."""
+    gap_k, gaps = relative_gap_k(singular_values, k_min, k_max, centered)
+    silhouette, silhouettes, labels = silhouette_k(coordinates, k_min, k_max, seed)
+    eigengap, eigengaps = eigengap_k(cosines, k_min, k_max)
+    chosen = {"gap": gap_k, "silhouette": silhouette, "eigengap": eigengap}
+    strengths = {}
+    try:
+        chosen["prediction_strength"], strengths = prediction_strength_k(coordinates, k_min, k_max, seed)
+    except KRuleError:
+        if needed == "prediction_strength":
+            raise
+    return {"k": chosen, "gap": gaps, "silhouette": silhouettes, "eigengap": eigengaps,
+            "prediction_strength": strengths, "labels": labels}
