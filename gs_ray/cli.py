@@ -37,6 +37,7 @@ from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.stages import describe_stage, run_evaluation
 from gs_ray.serving.app import (
     API_KEY_ENV,
+    SERVED_STAGES,
     finished_run_experts,
     load_run_config,
     require_authentication,
@@ -96,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SUBMITTABLE = ("run", *STAGES, EVALUATE_COMMAND, "serve")
-DEFAULT_ENTRYPOINT_CPUS = 1.0
-"""The job's driver reserves one CPU: it plans stages and trains the router; the heavy work runs in workers."""
+DEFAULT_ENTRYPOINT_CPUS = 0.0
+"""The job's driver reserves no CPU, so Ray runs it on the head node (a job with entrypoint resources goes to any
+node that has them). The cluster configs give the head no CPUs for work and never make it a spot instance, so the
+node that can be reclaimed never takes the driver, and with it the whole run, along. The driver plans stages and
+trains the router; the heavy work runs in workers (tests/deploy/test_multinode.py reads where each ran)."""
 
 
 def _add_job_commands(commands: argparse._SubParsersAction) -> None:
@@ -221,7 +225,8 @@ def serve_run(args: argparse.Namespace, run_dir: str) -> int:
     cfg = load_run_config(run_dir, args.config, list(args.overrides))
     # Clear errors before any Ray process starts: a reachable address without an API key, an unfinished run.
     require_authentication(cfg.serve.host, cfg.serve.allow_unauthenticated)
-    finished_run_experts(cfg.run.run_dir)
+    # On object storage the run is mirrored (and checked against its manifests) before its files are looked at.
+    finished_run_experts(RunDir(cfg.run.run_dir).pull_finished(SERVED_STAGES))
     started_ray = _init_ray(cfg)
     previous = _on_sigterm(_interrupt)  # after ray.init, which installs a handler of its own
     try:

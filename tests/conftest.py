@@ -41,6 +41,46 @@ def ray_start_4_cpus():
     ray.shutdown()
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_BUCKET = "gs-ray-runs"
+
+
+class S3Server:
+    """moto's S3 on a loopback port, which a test may stop and start again (its buckets live on, in this process)."""
+
+    def __init__(self, port: int):
+        self.port, self.endpoint, self._server = port, f"http://127.0.0.1:{port}", None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """An S3 server on loopback with one bucket; the AWS_* variables point pyarrow at it while the module runs."""
+    import boto3
+    from ray_nodes import free_port
+
+    server = S3Server(free_port())
+    server.start()
+    saved = {name: os.environ.get(name) for name in (*S3_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=server.endpoint)
+    boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=S3_BUCKET)
+    yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """Factory: the tiny preset with a run dir under tmp_path, plus overrides."""

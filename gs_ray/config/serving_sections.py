@@ -42,6 +42,11 @@ class ServeConfig:
     """HTTP ingress replicas (validation, tokenization, fan-out to router and experts)."""
     ingress_num_cpus: float = 0.0
     """CPUs reserved per ingress replica; it mostly waits on the router and experts, so none by default."""
+    ingress_on_head: bool = True
+    """Run the ingress replicas on the head node, beside Serve's controller and HTTP proxy. The head is never a spot
+    instance, so a lost worker costs only router and expert replicas, whose requests in flight get a 503 with
+    Retry-After; an ingress replica lost with its node fails its requests in flight with Ray Serve's own 500.
+    Turn off to spread many ingress replicas over the workers."""
     max_ongoing_requests: int = 64
     """Requests one replica of any deployment accepts at once; more wait in the Serve proxy."""
     batch_max_size: int = 8

@@ -23,3 +23,7 @@ class ModelError(GsRayError):
 
 class JobError(GsRayError):
     """A submitted job the Ray cluster does not know (a wrong or expired job id)."""
+
+
+class StorageError(GsRayError):
+    """The run directory's storage refused a write, after retries (an outage, a missing permission)."""

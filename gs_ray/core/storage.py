@@ -12,9 +12,11 @@ from __future__ import annotations
 import atexit
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,9 +24,18 @@ from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
+from gs_ray.core.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
 LOCAL_SCHEME = "file://"
 UPLOAD_THREADS = 8
 """Files of one tree uploaded at once."""
+WRITE_ATTEMPTS = 6
+"""Tries of each write to object storage (an upload, the manifest, a delete) before the stage fails."""
+WRITE_RETRY_FIRST_WAIT_S = 0.5
+"""The wait after the first failed try, doubled after each: 0.5 + 1 + ... + 8 s, about 15 s of outage ridden out
+(a throttled bucket, a restarted endpoint; tests/core/test_storage.py stops the server under an upload)."""
 
 
 def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> None:
@@ -97,12 +108,39 @@ def read_text(location: str) -> str | None:
         return stream.read().decode()
 
 
+def retrying_writes(what: str, write: Callable[[], object]) -> None:
+    """Run `write` (one write to storage), again after a backoff when storage fails, WRITE_ATTEMPTS times at most.
+
+    A write that still fails raises StorageError naming what and where. Nothing half-written is read meanwhile:
+    an object appears only once its upload completes, and a stage counts as finished only with its manifest,
+    which is written last.
+    """
+    wait = WRITE_RETRY_FIRST_WAIT_S
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            write()
+            return
+        except OSError as exc:  # pyarrow raises OSError for every filesystem failure
+            if attempt == WRITE_ATTEMPTS:
+                raise StorageError(
+                    f"storage: {what} failed {WRITE_ATTEMPTS} times over {wait - WRITE_RETRY_FIRST_WAIT_S:.0f} s "
+                    f"({exc}); the stage was not published (no manifest), so running the same command again "
+                    "resumes it") from exc
+            logger.warning("storage: %s failed (%s); retrying in %.1f s", what, exc, wait)
+            time.sleep(wait)
+            wait *= 2
+
+
 def write_text(location: str, text: str) -> None:
     """Write a small file whole. Object stores publish an object only when its upload completes."""
     fs, path = resolve(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
+
+    def write() -> None:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(text.encode())
+
+    retrying_writes(f"writing {location}", write)
 
 
 def file_sizes(location: str) -> dict[str, int]:
@@ -116,8 +154,12 @@ def file_sizes(location: str) -> dict[str, int]:
 
 def delete_tree(location: str) -> None:
     fs, path = resolve(location)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+
+    def delete() -> None:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+
+    retrying_writes(f"deleting {location}", delete)
 
 
 def upload_tree(local_dir: Path, location: str, *, exclude: tuple[str, ...] = ()) -> None:
@@ -131,13 +173,20 @@ def upload_tree(local_dir: Path, location: str, *, exclude: tuple[str, ...] = ()
     relative_paths = (path.relative_to(local_dir).as_posix() for path in sorted(local_dir.rglob("*")) if path.is_file())
     pairs = [(str(local_dir / relative), f"{root}/{relative}") for relative in relative_paths if relative not in exclude]
     for folder in sorted({target.rsplit("/", 1)[0] for _, target in pairs}):
-        fs.create_dir(folder, recursive=True)
+        retrying_writes(f"creating {folder}", functools.partial(fs.create_dir, folder, recursive=True))
 
     def copy(pair: tuple[str, str]) -> None:
-        pafs.copy_files(pair[0], pair[1], source_filesystem=local, destination_filesystem=fs)
+        retrying_writes(f"uploading {pair[0]} to {pair[1]}", functools.partial(
+            copy_file, pair[0], pair[1], source_filesystem=local, destination_filesystem=fs))
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(copy, pairs))
+
+
+def copy_file(source: str, target: str, *, source_filesystem: pafs.FileSystem,
+              destination_filesystem: pafs.FileSystem) -> None:
+    """One file's copy (the seam tests cut storage off at)."""
+    pafs.copy_files(source, target, source_filesystem=source_filesystem, destination_filesystem=destination_filesystem)
 
 
 def download_tree(location: str, local_dir: Path) -> None:

@@ -23,6 +23,7 @@ the mixture like any other distribution (gs_ray/generation.py).
 
 # No `from __future__ import annotations`: FastAPI must see real classes (Request) on the
 # route methods that @serve.ingress rewrites, and cannot resolve string annotations there.
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -38,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -155,12 +157,29 @@ api = FastAPI(title="gs-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+REPLICA_LOST_RETRY_AFTER_S = 2
+"""What a 503 for a lost replica asks the client to wait: Serve starts a replacement within seconds
+(the gap is measured in tests/deploy/test_multinode.py)."""
+
+
+@contextlib.asynccontextmanager
+async def _replica_lost_is_503(what: str) -> AsyncIterator[None]:
+    """A replica that died under a request (its process or node lost) answers 503 with Retry-After, never a 500:
+    the request was fine, and the same request succeeds once Serve has replaced the replica."""
+    try:
+        yield
+    except (RayActorError, ActorUnavailableError) as exc:
+        logger.warning("the %s replica serving a request was lost: %s", what, type(exc).__name__)
+        raise APIError(503, f"the {what} replica serving this request was lost and is being replaced; retry",
+                       kind="server_error", code="replica_lost", retry_after_s=REPLICA_LOST_RETRY_AFTER_S) from exc
 
 
 def _sse(body: dict[str, Any]) -> str:
@@ -240,7 +259,8 @@ class Ingress:
             return layout.expert_id(target.expert), target.expert, None
         if target.mode == "base":
             return layout.BASE_ID, None, None
-        probabilities = await self.router.route.remote(router_text)
+        async with _replica_lost_is_503("router"):
+            probabilities = await self.router.route.remote(router_text)
         if target.mode == "ensemble":
             return ENSEMBLE_ID, None, probabilities
         expert = max(range(len(probabilities)), key=probabilities.__getitem__)
@@ -261,7 +281,8 @@ class Ingress:
         if req.stream:
             events = self._events(handle, generation, envelope, req.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
-        out = await handle.generate.remote(generation)
+        async with _replica_lost_is_503("expert"):
+            out = await handle.generate.remote(generation)
         return envelope.full(out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
 
     async def _events(self, handle: DeploymentHandle, generation: GenerationRequest, envelope: Envelope,
@@ -273,7 +294,11 @@ class Ingress:
                 if delta["text"] or finished:
                     usage = (delta["prompt_tokens"], delta["completion_tokens"]) if finished and include_usage else None
                     yield _sse(envelope.chunk(delta["text"], delta["finish_reason"], usage=usage))
-        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        except (RayActorError, ActorUnavailableError) as exc:  # headers are sent: in-band, as OpenAI does
+            logger.warning("the expert replica streaming a reply was lost: %s", type(exc).__name__)
+            yield _sse(APIError(503, "the expert replica streaming this reply was lost and is being replaced; retry",
+                                kind="server_error", code="replica_lost").body())
+        except Exception as exc:
             logger.exception("streamed generation failed")
             yield _sse(APIError(500, f"generation failed: {exc}", kind="server_error").body())
         yield SSE_DONE
@@ -299,6 +324,17 @@ def _expert_options(cfg: Config) -> dict[str, Any]:
     return options
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""The resource Ray gives the head node alone; asking for a sliver of it places an actor there."""
+
+
+def _ingress_actor_options(serve_cfg) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": serve_cfg.ingress_num_cpus}
+    if serve_cfg.ingress_on_head:
+        options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    return options
+
+
 def build_app(cfg: Config, run_dir: str | Path | None = None, *, http_host: str | None) -> serve.Application:
     """The Serve application of a finished run (a path or URI); GS_RAY_API_KEY, if set now, becomes required.
 
@@ -318,7 +354,7 @@ def build_app(cfg: Config, run_dir: str | Path | None = None, *, http_host: str 
     expert = ExpertModel.options(**_expert_options(cfg)).bind(cfg.to_dict(), run.location)
     return Ingress.options(
         num_replicas=serve_cfg.ingress_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
-        ray_actor_options={"num_cpus": serve_cfg.ingress_num_cpus},
+        ray_actor_options=_ingress_actor_options(serve_cfg),
     ).bind(cfg.to_dict(), num_experts, _digest(key) if key else None, router, expert)
 
 

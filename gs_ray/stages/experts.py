@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.numpy import load_file
 
 from gs_ray.config import Config, ExpertsConfig, TrainConfig, config_from_dict
@@ -202,6 +203,9 @@ def train_experts(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     train_ids = _ids_by_expert(assignments, expert_of_cluster, len(plan))
     eval_ids = _ids_by_expert(_read_assignments(cluster_dir / layout.EVAL_ASSIGNMENTS_FILE), expert_of_cluster, len(plan))
     expert_cfg = _expert_config(cfg)
+    # Each job's task, and the Ray Train controller that attaches to its node, stay on the driver's node: a lost
+    # worker node then costs its Train workers, which restart elsewhere from a checkpoint, never the controller.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     jobs = []
     for entry in plan:
         folder = layout.expert_dir(staging, entry["expert"])
@@ -220,7 +224,8 @@ def train_experts(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
             init_adapter=expert_init_adapter(cfg, run),
             seed=cfg.run.seed + 1 + entry["expert"],
         )
-        jobs.append(_train_expert.remote(expert_cfg.to_dict(), dataclasses.asdict(job)))
+        task = _train_expert.options(scheduling_strategy=here)
+        jobs.append(task.remote(expert_cfg.to_dict(), dataclasses.asdict(job)))
     results = gather_or_cancel(jobs)
     keys = ("step", "eval_loss_start", "eval_loss_end", "train_samples", "eval_samples", "train_samples_digest",
             "started_at", "ended_at")

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO
 
 SCALE_TIMEOUT_S = 600
-SIZES = [1000, 4000]
-ROWS_PER_FILE = 500
+SIZES = [500, 2000]
+ROWS_PER_FILE = 250
 # Generous next to the benchmark's 1.2x target: what it guards is growth with N, not noise.
 MAX_STORE_GROWTH = 2.0
 
