@@ -41,6 +41,9 @@ def ray_start_4_cpus():
     ray.shutdown()
 
 
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record, in a job's storage folder, of the checkpoints its controller has registered."""
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 S3_BUCKET = "gs-ray-runs"
 

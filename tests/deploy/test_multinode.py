@@ -22,7 +22,7 @@ from unittest.mock import ANY
 
 import pytest
 import requests
-from conftest import FINISHED_RUN_OVERRIDES
+from conftest import CHECKPOINT_SNAPSHOT, FINISHED_RUN_OVERRIDES
 from ray_nodes import Node, free_port, node_ids, start_head, start_worker, state, wait_for_nodes
 
 from gs_ray.cli import main
@@ -42,9 +42,9 @@ EXPERT_STEPS = 30
 """Long enough for a node to be lost between two of an expert's checkpoints."""
 RUN_OVERRIDES = (*FINISHED_RUN_OVERRIDES, f"train.checkpoint_every={EVERY}", f"train.log_every={EVERY}",
                  f"experts.max_steps={EXPERT_STEPS}")
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Ray Train's record of the checkpoints its controller has registered, in each job's storage folder."""
 EXPERT_REPLICA = "ServeReplica:gs-ray:Expert"
+GRADIENT_ACTOR = "MapWorker(MapBatches(GradientWorker"
+"""How Ray Data names the actors of Stage II's gradient pool in Ray's state API."""
 SERVE_LOAD_CLIENTS = 4
 """The bounded load under which the serving node is lost: this many clients, each one request at a time."""
 REQUEST_TIMEOUT_S = 60
@@ -77,9 +77,10 @@ class Cluster:
         return {"GS_RAY_CACHE": self.caches[name], "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(free_port())}
 
     def where(self, class_name: str) -> set[str]:
-        """Names of the nodes that hosted actors of this class, alive or dead."""
-        return {self.name_of(actor["node_id"]) for actor in state(self.url, "actors", class_name=class_name)
-                if actor.get("node_id")}
+        """Names of the nodes that hosted actors whose class name starts so, alive or dead (Ray Data names its
+        pool's actors `MapWorker(MapBatches(<the class>))`)."""
+        return {self.name_of(actor["node_id"]) for actor in state(self.url, "actors")
+                if actor["class_name"].startswith(class_name) and actor.get("node_id")}
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +171,8 @@ def test_pipeline_job_runs_on_the_workers_survives_losing_one_mid_experts_and_la
 
     # The driver sits on the head (never on a worker that can be reclaimed); the work on the workers.
     assert three_nodes.name_of(client(three_nodes.url).get_job_info(job_id).driver_node_id) == "head"
-    assert three_nodes.where("_MapWorker") <= set(WORKERS)  # Stage II's gradient actors (and Ray Data's others)
-    assert three_nodes.where("RayTrainWorker") and three_nodes.where("RayTrainWorker") <= set(WORKERS)
+    for actors in (GRADIENT_ACTOR, "RayTrainWorker"):  # Stage II's gradient actors; every Train worker
+        assert three_nodes.where(actors) and three_nodes.where(actors) <= set(WORKERS), actors
     # Every stage landed on S3 whole: each file its manifest lists, at the size listed.
     for stage in STAGES:
         _manifest_matches_storage(run_uri, stage)

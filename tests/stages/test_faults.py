@@ -20,7 +20,7 @@ from gs_ray.gradientspace.stream import ACTOR_CHECKPOINT
 from gs_ray.stages.pipeline import STAGES, run_stages
 from gs_ray.train.loop import TrainJob, run_training
 
-from conftest import WARM_RUN_OVERRIDES
+from conftest import CHECKPOINT_SNAPSHOT, WARM_RUN_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,6 @@ PIPELINE = (
     "experts.min_cluster_size=1", "experts.cpus_per_worker=1", "router.epochs=2",
 )
 """The tiny pipeline as the session's finished run builds it up to the cluster stage; experts and router shrunk."""
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Ray Train's record, in a run's storage folder, of the checkpoints its controller has registered."""
 KILLED_STAGES = ("data", "warmup", "cluster", "experts", "router")
 """Stages the driver is killed in, in turn, starting from an empty run dir: every stage `gs-ray run` runs."""
 
