@@ -43,7 +43,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gs_ray.config import Config, config_from_dict, load_config
+from gs_ray.config import Config, ServeConfig, config_from_dict, load_config
 from gs_ray.core import layout
 from gs_ray.core.errors import ConfigError, DataError, ModelError
 from gs_ray.core.rundir import CONFIG_FILE, RunDir
@@ -165,21 +165,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
 
+REPLICA_LOST = (RayActorError, ActorUnavailableError)  # a handle call's replica died (its process or node lost)
 REPLICA_LOST_RETRY_AFTER_S = 2
-"""What a 503 for a lost replica asks the client to wait: Serve starts a replacement within seconds
-(the gap is measured in tests/deploy/test_multinode.py)."""
+"""Seconds a lost replica's 503 asks the client to wait; Serve replaces it (gap: tests/deploy/test_multinode.py)."""
+
+
+def _replica_lost(what: str, exc: BaseException) -> APIError:
+    """A 503, never a 500: the request was fine, and the same request succeeds once Serve has replaced the replica."""
+    logger.warning("the %s replica serving a request was lost: %s", what, type(exc).__name__)
+    return APIError(503, f"the {what} replica serving this request was lost and is being replaced; retry",
+                    kind="server_error", code="replica_lost", retry_after_s=REPLICA_LOST_RETRY_AFTER_S)
 
 
 @contextlib.asynccontextmanager
 async def _replica_lost_is_503(what: str) -> AsyncIterator[None]:
-    """A replica that died under a request (its process or node lost) answers 503 with Retry-After, never a 500:
-    the request was fine, and the same request succeeds once Serve has replaced the replica."""
     try:
         yield
-    except (RayActorError, ActorUnavailableError) as exc:
-        logger.warning("the %s replica serving a request was lost: %s", what, type(exc).__name__)
-        raise APIError(503, f"the {what} replica serving this request was lost and is being replaced; retry",
-                       kind="server_error", code="replica_lost", retry_after_s=REPLICA_LOST_RETRY_AFTER_S) from exc
+    except REPLICA_LOST as exc:
+        raise _replica_lost(what, exc) from exc
 
 
 def _sse(body: dict[str, Any]) -> str:
@@ -294,10 +297,8 @@ class Ingress:
                 if delta["text"] or finished:
                     usage = (delta["prompt_tokens"], delta["completion_tokens"]) if finished and include_usage else None
                     yield _sse(envelope.chunk(delta["text"], delta["finish_reason"], usage=usage))
-        except (RayActorError, ActorUnavailableError) as exc:  # headers are sent: in-band, as OpenAI does
-            logger.warning("the expert replica streaming a reply was lost: %s", type(exc).__name__)
-            yield _sse(APIError(503, "the expert replica streaming this reply was lost and is being replaced; retry",
-                                kind="server_error", code="replica_lost").body())
+        except REPLICA_LOST as exc:  # headers are sent: in-band, as OpenAI does
+            yield _sse(_replica_lost("expert", exc).body())
         except Exception as exc:
             logger.exception("streamed generation failed")
             yield _sse(APIError(500, f"generation failed: {exc}", kind="server_error").body())
@@ -324,11 +325,10 @@ def _expert_options(cfg: Config) -> dict[str, Any]:
     return options
 
 
-HEAD_NODE_RESOURCE = "node:__internal_head__"
-"""The resource Ray gives the head node alone; asking for a sliver of it places an actor there."""
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives it to the head alone: a sliver of it places an actor there
 
 
-def _ingress_actor_options(serve_cfg) -> dict[str, Any]:
+def _ingress_actor_options(serve_cfg: ServeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": serve_cfg.ingress_num_cpus}
     if serve_cfg.ingress_on_head:
         options["resources"] = {HEAD_NODE_RESOURCE: 0.001}

@@ -22,7 +22,7 @@ from unittest.mock import ANY
 
 import pytest
 import requests
-from conftest import CHECKPOINT_SNAPSHOT, FINISHED_RUN_OVERRIDES
+from conftest import CHECKPOINT_SNAPSHOT, FINISHED_RUN_OVERRIDES, S3_BUCKET
 from ray_nodes import Node, free_port, node_ids, start_head, start_worker, state, wait_for_nodes
 
 from gs_ray.cli import main
@@ -35,7 +35,6 @@ pytestmark = pytest.mark.slow
 WORKERS = ("node_a", "node_b")
 WORKER_CPUS = 2
 """Each worker alone can hold what the tiny run needs at once (two expert jobs of one 1-CPU worker each)."""
-BUCKET = "gs-ray-runs"
 EVERY = 5
 """Steps between checkpoints and between logged losses, in every training job of the run."""
 EXPERT_STEPS = 30
@@ -56,25 +55,26 @@ KILL_WAIT_S = 300
 
 
 class Cluster:
-    def __init__(self, url: str, gcs: str, head: Node, workers: dict[str, Node], caches: dict[str, str], logs: Path):
-        self.url, self.gcs, self.head, self.workers, self.caches, self.logs = url, gcs, head, workers, caches, logs
-        self.names = {node_id: name for name, node_id in wait_for_nodes(url, ["head", *workers]).items()}
+    def __init__(self, url: str, gcs: str, head: Node, caches: dict[str, str], logs: Path):
+        self.url, self.gcs, self.head, self.caches, self.logs = url, gcs, head, caches, logs
+        self.workers: dict[str, Node] = {}
+        self.names = {node_id: name for name, node_id in wait_for_nodes(url, ["head"]).items()}
         """Every node id the cluster has had, alive or not, and the name it was started under."""
 
     def name_of(self, node_id: str) -> str:
         return self.names[node_id]
 
-    def restart(self, name: str) -> None:
-        """Start a fresh worker in place of `name` (killed by a test, as a spot instance is reclaimed), as the
-        autoscaler would, so that the next test again has two workers."""
-        self.workers[name] = start_worker(name, self.gcs, WORKER_CPUS, self.logs, self._worker_env(name))
-        self.names |= {node_id: known for known, node_id in wait_for_nodes(self.url, [name]).items()}
+    def start_worker(self, name: str) -> None:
+        """Start worker `name`, or a fresh one in its place once a test has killed it (as the autoscaler replaces a
+        reclaimed spot instance, so that the next test again has two workers); return once it has joined.
 
-    def _worker_env(self, name: str) -> dict[str, str]:
-        # Serve's proxies share the HTTP port through SO_REUSEPORT; on one machine the kernel would hand clients to
-        # a worker's proxy too. Clients here reach the head's (the address a load balancer or KubeRay's service
-        # points at), so a lost worker takes replicas with it, never the endpoint.
-        return {"GS_RAY_CACHE": self.caches[name], "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(free_port())}
+        Serve's proxies share the HTTP port through SO_REUSEPORT; on one machine the kernel would hand clients to
+        a worker's proxy too. Clients here reach the head's (the address a load balancer or KubeRay's service
+        points at), so a lost worker takes replicas with it, never the endpoint.
+        """
+        env = {"GS_RAY_CACHE": self.caches[name], "RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(free_port())}
+        self.workers[name] = start_worker(name, self.gcs, WORKER_CPUS, self.logs, env)
+        self.names |= {node_id: known for known, node_id in wait_for_nodes(self.url, [name]).items()}
 
     def where(self, class_name: str) -> set[str]:
         """Names of the nodes that hosted actors whose class name starts so, alive or dead (Ray Data names its
@@ -88,11 +88,10 @@ def three_nodes(s3_endpoint, tmp_path_factory):
     logs = tmp_path_factory.mktemp("nodes")
     caches = {name: str(tmp_path_factory.mktemp(f"cache-{name}")) for name in ("head", *WORKERS)}
     head, gcs, url = start_head("head", 0, logs, {"GS_RAY_CACHE": caches["head"]})
-    cluster = Cluster(url, gcs, head, {}, caches, logs)
+    cluster = Cluster(url, gcs, head, caches, logs)
     try:
-        cluster.workers = {name: start_worker(name, gcs, WORKER_CPUS, logs, cluster._worker_env(name))
-                           for name in WORKERS}
-        cluster.names |= {node_id: name for name, node_id in wait_for_nodes(url, list(WORKERS)).items()}
+        for name in WORKERS:
+            cluster.start_worker(name)
         yield cluster
     finally:
         for node in (*cluster.workers.values(), head):
@@ -101,7 +100,7 @@ def three_nodes(s3_endpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_uri():
-    return f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}/run"
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:8]}/run"
 
 
 def _manifest_matches_storage(uri: str, stage: str) -> None:
@@ -188,7 +187,7 @@ def test_pipeline_job_runs_on_the_workers_survives_losing_one_mid_experts_and_la
     assert "SUCCEEDED" in capsys.readouterr().out
     assert main(["logs", job_id, "--address", three_nodes.url]) == 0
     assert "[router] done" in capsys.readouterr().out
-    three_nodes.restart(lost)  # as the autoscaler would: serving gets two workers again
+    three_nodes.start_worker(lost)  # as the autoscaler would: serving gets two workers again
 
 
 def _job_id(out: str) -> str:
@@ -313,4 +312,4 @@ def test_served_run_answers_from_a_worker_and_a_lost_expert_node_costs_only_503s
         _wait_until_ended(three_nodes, job_id)
         for name, node in three_nodes.workers.items():
             if not node.alive():
-                three_nodes.restart(name)
+                three_nodes.start_worker(name)
