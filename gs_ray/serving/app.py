@@ -5,29 +5,29 @@ Three deployments, built from a finished run directory by `build_app(cfg, run_di
 - `Ingress` (FastAPI through `@serve.ingress`): authenticates, validates, renders the chat
   template exactly as training did, checks limits, asks the router, and forwards to the
   expert deployment with the chosen adapter as the multiplexed model id. Client mistakes
-  are 4xx with an OpenAI error body (gs_ray/openai_api.py).
+  are 4xx with an OpenAI error body (gs_ray/serving/openai_api.py).
 - `RouterModel`: the encoder + head of `router/router`, requests batched by `@serve.batch`.
-- `ExpertModel` (gs_ray/serve_experts.py): ONE base model per replica wrapped as a
-  PeftModel. Adapters are loaded by name with Ray Serve model multiplexing (an LRU of
-  `serve.max_adapters_per_replica` model ids per replica, and requests routed to replicas
-  that already hold their adapter): `expert-<k>` holds that expert's LoRA, `ensemble` all
-  K, `base` none. An adapter is read only from `<run_dir>/experts/expert-<k>/adapter` for an
-  id that matched a strict pattern and the run's expert count. `@serve.batch` groups
-  concurrent requests for one model id into one forward pass per decoding step.
+- `Expert`, on the engine `serve.engine` names. hf (gs_ray/serving/experts.py): ONE base
+  model per replica wrapped as a PeftModel, adapters loaded by name with Ray Serve model
+  multiplexing (an LRU of `serve.max_adapters_per_replica` model ids per replica, requests
+  routed to replicas that already hold their adapter): `expert-<k>` holds that expert's
+  LoRA, `ensemble` all K, `base` none; `@serve.batch` groups concurrent requests for one
+  model id into one forward pass per decoding step. vllm (gs_ray/serving/vllm_experts.py):
+  vLLM's async engine, continuous batching, the expert's adapter as a per-request LoRA.
+  Either way an adapter is read only from `<run_dir>/experts/expert-<k>/adapter`, for an id
+  that matched a strict pattern and the run's expert count.
 
 The ensemble (`gs-ray:ensemble`, the prior-work baseline) is a token-level mixture: at every
 step each expert's next-token distribution is computed (K forward passes, one KV cache per
 expert) and mixed with the router's probabilities for the request; sampling then treats
-the mixture like any other distribution (gs_ray/generation.py).
+the mixture like any other distribution (gs_ray/modeling/generation.py). It exists on the hf
+engine only: vLLM exposes no per-step distributions to mix.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real classes (Request) on the
 # route methods that @serve.ingress rewrites, and cannot resolve string annotations there.
 import contextlib
 import dataclasses
-import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -45,11 +45,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gs_ray.config import Config, ServeConfig, config_from_dict, load_config
 from gs_ray.core import layout
-from gs_ray.core.errors import ConfigError, DataError, ModelError
+from gs_ray.core.errors import DataError, ModelError
 from gs_ray.core.rundir import CONFIG_FILE, RunDir
 from gs_ray.data.prepare import render_prompt
 from gs_ray.modeling.generation import GenerationRequest
-from gs_ray.modeling.models import load_tokenizer, resolve_model_path
+from gs_ray.modeling.models import context_length, load_tokenizer
+from gs_ray.serving import auth
+from gs_ray.serving.auth import API_KEY_ENV, require_authentication, serve_http_host
 from gs_ray.serving.experts import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BATCH_WAIT_S,
@@ -72,64 +74,13 @@ from gs_ray.serving.openai_api import (
     parse_request,
     resolve_model,
 )
+from gs_ray.serving.vllm_experts import VLLMExpertModel, check_vllm
 from gs_ray.train.router import Router, request_text
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "GS_RAY_API_KEY"
-LOCAL_HOSTNAMES = ("localhost",)
-"""Host names taken as loopback without resolving them; any other name counts as reachable from elsewhere."""
 APP_NAME = "gs-ray"
 SSE_DONE = "data: [DONE]\n\n"
-
-
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether an HTTP bind address only accepts connections from this machine (None: not known, so no)."""
-    if not host:
-        return False
-    if host.lower() in LOCAL_HOSTNAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def require_authentication(http_host: str | None, allow_unauthenticated: bool) -> str | None:
-    """GS_RAY_API_KEY (None if unset or empty); refuses, with a ConfigError, to serve other machines without one.
-
-    http_host is where the HTTP proxy binds, None when it is not known (the Serve instance is not running yet).
-    """
-    key = os.environ.get(API_KEY_ENV) or None
-    if key is None and not allow_unauthenticated and not is_loopback(http_host):
-        where = (f"the HTTP proxy binds {http_host}, which is not a loopback address" if http_host else
-                 "the HTTP proxy's address is not known here (no Serve instance is running), so it may not be a "
-                 "loopback address")
-        raise ConfigError(
-            f"refusing to serve without authentication: {where} and {API_KEY_ENV} is unset or empty, so anyone who "
-            f"can reach the port could use the endpoint. Set {API_KEY_ENV} (clients send 'Authorization: Bearer "
-            "<key>'), bind serve.host=127.0.0.1, or set serve.allow_unauthenticated=true if something else "
-            "authenticates the requests")
-    return key
-
-
-def serve_http_host() -> str | None:
-    """Where the running Serve instance's HTTP proxy binds (its http_options.host), or None without one."""
-    import ray
-    from ray.serve import context
-
-    if not ray.is_initialized():  # the lookup would start Ray
-        return None
-    try:
-        client = context._get_global_client(raise_if_no_controller_running=False)
-        return client.http_config.host if client is not None else None
-    except Exception:
-        logger.warning("could not read the Serve HTTP proxy's address", exc_info=True)
-        return None
 
 
 # ---------------------------------------------------------------- router
@@ -196,23 +147,18 @@ class Ingress:
 
     def __init__(self, config: dict[str, Any], num_experts: int, key_digest: str | None,
                  router: DeploymentHandle, expert: DeploymentHandle):
-        from transformers import AutoConfig
-
-
         cfg = config_from_dict(config)
         self.limits, self.num_experts, self.key_digest = cfg.serve, num_experts, key_digest
+        self.ensemble = cfg.serve.engine == "hf"  # the token-level mixture exists on gs_ray's own decoding loop only
         self.router, self.expert = router, expert
         self.tokenizer = load_tokenizer(cfg.model)
-        model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model),
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-        self.context_length = getattr(model_config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.context_length = context_length(cfg.model, self.tokenizer)
         self.created = int(os.path.getmtime(RunDir(cfg.run.run_dir).pull_finished(()) / CONFIG_FILE))
 
     def _authorize(self, request: Request) -> None:
         if self.key_digest is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(token.strip()), self.key_digest):
+        if not auth.bearer_matches(request.headers.get("authorization", ""), self.key_digest):
             raise APIError(401, f"missing or wrong API key: send 'Authorization: Bearer <{API_KEY_ENV}>'",
                            kind="authentication_error", code="invalid_api_key")
 
@@ -223,7 +169,7 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return models_body(self.num_experts, self.created)
+        return models_body(self.num_experts, self.created, ensemble=self.ensemble)
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> dict[str, Any]:
@@ -234,7 +180,7 @@ class Ingress:
         """Authorized, schema-valid request and the model it names; otherwise an APIError."""
         self._authorize(request)
         req = parse_request(schema, decode_body(await request.body()))
-        return req, resolve_model(req.model, self.num_experts)
+        return req, resolve_model(req.model, self.num_experts, ensemble=self.ensemble)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -325,6 +271,13 @@ def _expert_options(cfg: Config) -> dict[str, Any]:
     return options
 
 
+def _expert_deployment(cfg: Config) -> serve.Deployment:
+    if cfg.serve.engine == "hf":
+        return ExpertModel
+    check_vllm(cfg)  # here, before any replica fails to start on it
+    return VLLMExpertModel
+
+
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives it to the head alone: a sliver of it places an actor there
 
 
@@ -351,11 +304,11 @@ def build_app(cfg: Config, run_dir: str | Path | None = None, *, http_host: str 
         num_replicas=serve_cfg.router_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": serve_cfg.router_num_cpus},
     ).bind(run.location, serve_cfg.router_batch_max_size, serve_cfg.router_batch_wait_timeout_s)
-    expert = ExpertModel.options(**_expert_options(cfg)).bind(cfg.to_dict(), run.location)
+    expert = _expert_deployment(cfg).options(**_expert_options(cfg)).bind(cfg.to_dict(), run.location)
     return Ingress.options(
         num_replicas=serve_cfg.ingress_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options=_ingress_actor_options(serve_cfg),
-    ).bind(cfg.to_dict(), num_experts, _digest(key) if key else None, router, expert)
+    ).bind(cfg.to_dict(), num_experts, auth.key_digest(key) if key else None, router, expert)
 
 
 def load_run_config(run_dir: str | Path, serve_source: str | None = None, overrides: list[str] | None = None) -> Config:

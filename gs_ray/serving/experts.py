@@ -77,6 +77,12 @@ def finished_run_experts(run_dir: str | Path) -> int:
     return count
 
 
+def mirror_served_run(run_dir: str) -> tuple[Path, int]:
+    """(local folder, expert count) of a finished run an expert replica serves, mirrored here first if remote."""
+    local = RunDir(run_dir).pull_finished(SERVED_STAGES)
+    return local, finished_run_experts(local)
+
+
 class _Lease:
     """One multiplexed model held by a replica: the adapters it keeps loaded until Serve's LRU evicts it."""
 
@@ -103,10 +109,8 @@ class ExpertModel:
     def __init__(self, config: dict[str, Any], run_dir: str):
         import torch
 
-
         cfg = config_from_dict(config)
-        self.run_dir = RunDir(run_dir).pull_finished(SERVED_STAGES)
-        self.num_experts = finished_run_experts(self.run_dir)
+        self.run_dir, self.num_experts = mirror_served_run(run_dir)
         use_gpu = cfg.serve.num_gpus_per_replica > 0 and torch.cuda.is_available()
         device = torch.device("cuda" if use_gpu else "cpu")
         tokenizer, base = load_tokenizer(cfg.model), load_base_model(cfg.model)

@@ -243,28 +243,37 @@ class Target:
     expert: int | None = None
 
 
-def model_ids(num_experts: int) -> list[str]:
-    return [ROUTED_MODEL, ENSEMBLE_MODEL, *(f"{ROUTED_MODEL}:{layout.expert_id(k)}" for k in range(num_experts)), BASE_MODEL]
+def model_ids(num_experts: int, *, ensemble: bool = True) -> list[str]:
+    """The served model ids; ensemble: whether the engine offers the mixture (only serve.engine=hf does)."""
+    return [ROUTED_MODEL, *([ENSEMBLE_MODEL] if ensemble else []),
+            *(f"{ROUTED_MODEL}:{layout.expert_id(k)}" for k in range(num_experts)), BASE_MODEL]
 
 
-def resolve_model(name: str, num_experts: int) -> Target:
-    """The target of a model id; anything else (including a malformed expert id) is a 404."""
+def resolve_model(name: str, num_experts: int, *, ensemble: bool = True) -> Target:
+    """The target of a model id; anything else (including a malformed expert id) is a 404.
+
+    Without the ensemble (the vllm engine), asking for it is a 400 that says which engine has it.
+    """
     if name == ROUTED_MODEL:
         return Target("routed")
     if name == ENSEMBLE_MODEL:
+        if not ensemble:
+            raise APIError(400, f"{ENSEMBLE_MODEL} mixes every expert's next-token distribution, which the vllm engine "
+                           "does not offer; this server runs serve.engine=vllm (serve.engine=hf serves the ensemble)",
+                           param="model", code="model_not_supported")
         return Target("ensemble")
     if name == BASE_MODEL:
         return Target("base")
     match = EXPERT_MODEL.fullmatch(name)
     if match and int(match.group(1)) < num_experts:
         return Target("expert", int(match.group(1)))
-    raise APIError(404, f"model {name!r} does not exist; available: {', '.join(model_ids(num_experts))}",
+    raise APIError(404, f"model {name!r} does not exist; available: {', '.join(model_ids(num_experts, ensemble=ensemble))}",
                    param="model", code="model_not_found")
 
 
-def models_body(num_experts: int, created: int) -> dict[str, Any]:
+def models_body(num_experts: int, created: int, *, ensemble: bool = True) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": MODEL_OWNER}
-                                       for name in model_ids(num_experts)]}
+                                       for name in model_ids(num_experts, ensemble=ensemble)]}
 
 
 # ---------------------------------------------------------------- responses

@@ -21,7 +21,7 @@ import yaml
 
 from gs_ray.cli import SUBMITTABLE
 from gs_ray.config import load_config, parse_override
-from gs_ray.serving.app import API_KEY_ENV, is_loopback
+from gs_ray.serving.auth import API_KEY_ENV, is_loopback
 
 from deploy_files import (
     CLUSTER_DIR,

