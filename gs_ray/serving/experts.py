@@ -96,6 +96,26 @@ class _Lease:
             self._release(self.adapters)
 
 
+class Replies:
+    """The Expert deployment's reply methods, the same on every engine: a subclass yields Deltas from `_run`."""
+
+    def _run(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+    async def generate(self, request: GenerationRequest) -> dict[str, Any]:
+        """The whole reply: text, finish reason, token counts."""
+        parts, last = [], None
+        async for delta in self._run(request):
+            parts.append(delta.text)
+            last = delta
+        return {**dataclasses.asdict(last), "text": "".join(parts)}
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
+        """The reply as it is decoded, one dict per step."""
+        async for delta in self._run(request):
+            yield dataclasses.asdict(delta)
+
+
 @dataclasses.dataclass
 class _Job:
     request: GenerationRequest
@@ -103,7 +123,7 @@ class _Job:
 
 
 @serve.deployment(name="Expert")
-class ExpertModel:
+class ExpertModel(Replies):
     """One base model per replica; expert LoRAs loaded into it by multiplexed model id."""
 
     def __init__(self, config: dict[str, Any], run_dir: str):
@@ -208,19 +228,6 @@ class ExpertModel:
         finally:
             self._release(lease.adapters)
 
-    async def generate(self, request: GenerationRequest) -> dict[str, Any]:
-        """The whole reply: text, finish reason, token counts."""
-        parts, last = [], None
-        async for delta in self._run(request):
-            parts.append(delta.text)
-            last = delta
-        return {**dataclasses.asdict(last), "text": "".join(parts)}
-
     async def batch_stats(self) -> dict[int, int]:
         """How many batches of each size this replica has decoded (requests per shared forward pass)."""
         return dict(self.batch_sizes)
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        """The reply as it is decoded, one dict per step."""
-        async for delta in self._run(request):
-            yield dataclasses.asdict(delta)

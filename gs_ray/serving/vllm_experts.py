@@ -18,7 +18,6 @@ vllm is optional (`gs_ray[vllm]`), so it is imported when a replica starts, not 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import uuid
@@ -32,12 +31,12 @@ from gs_ray.core import layout
 from gs_ray.core.errors import ConfigError
 from gs_ray.modeling.generation import Delta, GenerationRequest
 from gs_ray.modeling.models import context_length, load_tokenizer, resolve_model_path
-from gs_ray.serving.experts import expert_adapter_dir, mirror_served_run
+from gs_ray.serving.experts import Replies, expert_adapter_dir, mirror_served_run
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The LoRA ranks vLLM 0.29 sizes its kernels for (max_lora_rank must be one of them)."""
-FINISH_REASONS = {"stop": "stop", "length": "length"}
-"""vLLM's finish reasons as the API reports them; anything else (an aborted request) is an error."""
+FINISH_REASONS = ("stop", "length")
+"""vLLM's finish reasons that the API reports as they are; any other (an aborted request) is an error."""
 
 
 def check_vllm(cfg: Config) -> None:
@@ -93,7 +92,7 @@ def sampling_params(request: GenerationRequest) -> dict[str, Any]:
 
 
 @serve.deployment(name="Expert")
-class VLLMExpertModel:
+class VLLMExpertModel(Replies):
     """One vLLM engine per replica; the request's multiplexed model id picks its LoRA."""
 
     def __init__(self, config: dict[str, Any], run_dir: str):
@@ -147,20 +146,7 @@ class VLLMExpertModel:
             finish = step.finish_reason
             if finish is not None and finish not in FINISH_REASONS:
                 raise RuntimeError(f"vLLM ended the request early ({finish})")
-            yield Delta(step.text, FINISH_REASONS.get(finish), len(request.prompt_ids), completion_tokens)
-
-    async def generate(self, request: GenerationRequest) -> dict[str, Any]:
-        """The whole reply: text, finish reason, token counts."""
-        parts, last = [], None
-        async for delta in self._run(request):
-            parts.append(delta.text)
-            last = delta
-        return {**dataclasses.asdict(last), "text": "".join(parts)}
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[dict[str, Any]]:
-        """The reply as it is decoded, one dict per engine step."""
-        async for delta in self._run(request):
-            yield dataclasses.asdict(delta)
+            yield Delta(step.text, finish, len(request.prompt_ids), completion_tokens)
 
     async def request_counts(self) -> dict[str, int]:
         """Requests this replica has decoded per model id (tests read which adapter served)."""

@@ -1,6 +1,8 @@
 """What the serving tests share: the served app's limits and key, HTTP helpers, prompts each expert serves."""
 
+import contextlib
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -99,3 +101,23 @@ def check_client_mistake(url: str, case: str) -> None:
     got, answer = request(url, "/v1/chat/completions", body, raw=raw)
     assert got == status, answer
     assert answer["error"]["message"] and answer["error"]["type"]
+
+
+@contextlib.contextmanager
+def served_run(run_dir: Path, *overrides: str, quiet: bool = False):
+    """The base URL of a finished run served over HTTP with SERVE_OVERRIDES, the overrides and API_KEY required."""
+    from ray import serve
+
+    from gs_ray.serving.app import load_run_config, start
+    from gs_ray.serving.auth import API_KEY_ENV
+
+    cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, *overrides, f"serve.port={free_port()}"])
+    os.environ[API_KEY_ENV] = API_KEY  # read once, when the app is built
+    try:
+        url = start(cfg, quiet=quiet)
+    finally:
+        del os.environ[API_KEY_ENV]
+    try:
+        yield url
+    finally:
+        serve.shutdown()

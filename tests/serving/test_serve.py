@@ -41,13 +41,13 @@ from serve_helpers import (
     CLIENT_ERRORS,
     MAX_PROMPT_TOKENS,
     MAX_TOKENS_LIMIT,
-    SERVE_OVERRIDES,
     chat,
     check_client_mistake,
     chat_body,
     cluster_prompts,
     free_port,
     request,
+    served_run,
 )
 
 # ---------------------------------------------------------------- without Ray
@@ -272,20 +272,9 @@ def test_serve_command_refuses_an_unfinished_run(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def served(tiny_finished_run):
     """(base url, run dir): the session's finished tiny run served over HTTP with GS_RAY_API_KEY set."""
-    from ray import serve
-
-    from gs_ray.serving.app import load_run_config, start
-    from gs_ray.serving.auth import API_KEY_ENV
-
     run_dir = Path(tiny_finished_run[0].run.run_dir)
-    cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, f"serve.port={free_port()}"])
-    os.environ[API_KEY_ENV] = API_KEY  # read once, when the app is built
-    try:
-        url = start(cfg)
-    finally:
-        del os.environ[API_KEY_ENV]
-    yield url, run_dir
-    serve.shutdown()
+    with served_run(run_dir) as url:
+        yield url, run_dir
 
 
 def test_openai_client_gets_completions_and_a_streamed_chat(served):

@@ -6,7 +6,6 @@ expert serves the request, each adapter changes the answer, streams add up to th
 reply, concurrent requests all succeed, and the same mistakes get the same 4xx.
 """
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,12 +15,11 @@ from serve_helpers import (
     ADAPTER_PROMPTS,
     API_KEY,
     CLIENT_ERRORS,
-    SERVE_OVERRIDES,
     chat,
     check_client_mistake,
     cluster_prompts,
-    free_port,
     request,
+    served_run,
 )
 
 VLLM_OVERRIDES = ["serve.engine=vllm", "serve.vllm_cpu_kv_cache_gib=1", "serve.num_cpus_per_replica=1"]
@@ -80,20 +78,9 @@ def test_a_rank_vllm_cannot_serve_is_refused_before_serve_starts(tiny_finished_r
 @pytest.fixture(scope="module")
 def served_vllm(tiny_finished_run):
     """(base url, run dir): the finished tiny run served with serve.engine=vllm and GS_RAY_API_KEY set."""
-    from ray import serve
-
-    from gs_ray.serving.app import load_run_config, start
-    from gs_ray.serving.auth import API_KEY_ENV
-
     run_dir = Path(tiny_finished_run[0].run.run_dir)
-    cfg = load_run_config(run_dir, None, [*SERVE_OVERRIDES, *VLLM_OVERRIDES, f"serve.port={free_port()}"])
-    os.environ[API_KEY_ENV] = API_KEY
-    try:
-        url = start(cfg, quiet=True)
-    finally:
-        del os.environ[API_KEY_ENV]
-    yield url, run_dir
-    serve.shutdown()
+    with served_run(run_dir, *VLLM_OVERRIDES, quiet=True) as url:
+        yield url, run_dir
 
 
 def _expert_requests() -> dict[str, int]:
