@@ -3,12 +3,14 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/quality.py [--config demo|gpu|tiny|FILE] [--datasets ../shared/datasets]
-        [--mix real|builtin] [--run-dir DIR] [--per-source N] [--held-out-per-source M] [--seed S] [--quick]
+        [--mix real|builtin|FAMILY] [--run-dir DIR] [--per-source N] [--held-out-per-source M] [--seed S] [--quick]
         [section.field=value ...]
 
 1. Builds the real mix (GSM8K + MBPP + Alpaca seed tasks, N rows per source, with
    `gs_ray.data.mixes.build_mix`, as benchmarks/real_mix.py does) into the run dir, or uses
-   the package's built-in mix (`--mix builtin`: GSM8K, MBPP, string tasks). With
+   the package's built-in mix (`--mix builtin`: GSM8K, MBPP, string tasks), or a planted-skill
+   family of gs_ray.data.planted (`--mix topic_heavy` etc.: N rows per skill, the skill as the
+   source, every answer checked whole: evaluate.answer_check=text). With
    --held-out-per-source M, also M rows per source from outside the mix as held-out-only data
    (data.eval_paths): the same training, more rows to score, so that each source's interval
    is narrower.
@@ -50,6 +52,7 @@ import ray
 
 from gs_ray.config import load_config
 from gs_ray.data.mixes import HELD_OUT_FILE, SEED, build_held_out, build_mix, write_mix
+from gs_ray.data.planted import FAMILIES, make_family, true_k
 from gs_ray.evaluation.evaluate import routed_loses_to
 from gs_ray.evaluation.stages import run_evaluation
 
@@ -67,6 +70,8 @@ so that each source has enough held-out samples for per-source figures."""
 QUICK_OVERRIDES = ("evaluate.max_new_tokens=8", "evaluate.exact_match_samples=4", "evaluate.cosine_pairs=200",
                    "baselines.projection_dim=256")
 """A smoke run: few, short answers and a small projection; figures mean nothing."""
+PLANTED_OVERRIDES = ("evaluate.answer_check=text", "evaluate.max_new_tokens=12", "evaluate.exact_match_samples=10000")
+"""A planted mix: every held-out answer is short and checkable whole, so all of them are generated."""
 LOCAL_RAY_CPUS = 4
 """Logical CPUs of a local Ray without a GPU preset: Train workers, the gradient actor and Ray Data tasks on 2 cores."""
 
@@ -80,8 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default="demo", help="preset (demo, gpu, tiny) or YAML file; default demo")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets",
                         help="folder with gsm8k_train.jsonl, mbpp_train.jsonl, alpaca_seed_tasks.jsonl")
-    parser.add_argument("--mix", choices=("real", "builtin"), default="real",
-                        help="real: build the mix from --datasets; builtin: the package's own mix")
+    parser.add_argument("--mix", choices=("real", "builtin", *FAMILIES), default="real",
+                        help="real: build the mix from --datasets; builtin: the package's own mix; a planted-skill "
+                             "family (gs_ray.data.planted), per skill N rows and exact match of the whole answer")
     parser.add_argument("--run-dir", type=Path, default=None, help="default runs/quality (runs/quality-quick with --quick)")
     parser.add_argument("--per-source", type=int, default=None, help="rows per source (default 150, 40 with --quick)")
     parser.add_argument("--seed", type=int, default=SEED, help="sampling seed of the mix")
@@ -94,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.held_out_per_source < 0:
         parser.error(f"--held-out-per-source must be >= 0, got {args.held_out_per_source}")
-    if args.held_out_per_source and args.mix == "builtin":
+    if args.held_out_per_source and args.mix != "real":
         parser.error("--held-out-per-source draws from --datasets' sources: it needs --mix real")
     return args
 
@@ -104,6 +110,8 @@ def data_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     if args.mix == "builtin":
         return []
     per_source = args.per_source or PER_SOURCE["quick" if args.quick else "full"]
+    if args.mix in FAMILIES:
+        return planted_overrides(args.mix, per_source, args.seed, run_dir)
     rows = build_mix(args.datasets, per_source, args.seed)
     mix_path = write_mix(run_dir, rows)
     emit({"figure": "mix", "per_source": per_source, "seed": args.seed, "path": str(mix_path),
@@ -115,6 +123,21 @@ def data_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     emit({"figure": "held_out", "per_source": args.held_out_per_source, "path": str(held_out_path),
           "rows": dict(Counter(row["domain"] for row in held_out)), "total": len(held_out)})
     return [f"data.paths=[{mix_path}]", f"data.eval_paths=[{held_out_path}]", *SPLIT_OVERRIDES]
+
+
+def planted_overrides(family: str, per_skill: int, seed: int, run_dir: Path) -> list[str]:
+    """Write a planted-skill mix (the skill as `domain`, the source label) and point the config at it.
+
+    A generator may draw the same row twice (a short list of numbers or words): the copy is dropped, so
+    that no held-out row is also a training row."""
+    rows = {(row["instruction"], row["output"]): {"instruction": row["instruction"], "output": row["output"],
+                                                  "domain": row["skill"], "topic": row["topic"]}
+            for row in make_family(family, per_skill, seed)}
+    mix_path = write_mix(run_dir, list(rows.values()), f"{family}_mix.jsonl")
+    emit({"figure": "mix", "family": family, "per_skill": per_skill, "seed": seed, "path": str(mix_path),
+          "rows": dict(Counter(row["domain"] for row in rows.values())), "total": len(rows),
+          "duplicates_dropped": per_skill * true_k(family) - len(rows)})
+    return [f"data.paths=[{mix_path}]", *SPLIT_OVERRIDES, *PLANTED_OVERRIDES]
 
 
 def summary_line(evaluation: dict, manifests: dict, args: argparse.Namespace, seconds: float) -> dict:

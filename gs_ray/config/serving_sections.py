@@ -118,6 +118,10 @@ class BaselinesConfig:
         _check(self.kmeans_restarts >= 1, "baselines.kmeans_restarts", f"must be >= 1, got {self.kmeans_restarts}")
 
 
+ANSWER_CHECKS = ("number", "text")
+"""The rules evaluate.answer_check may name (gs_ray.evaluation.exact_match applies them)."""
+
+
 @dataclass
 class EvaluateConfig:
     """Held-out metrics of `gs-ray evaluate`: generation for exact match, and the diagnostics."""
@@ -125,7 +129,11 @@ class EvaluateConfig:
     max_new_tokens: int = 256
     """Tokens generated per answer for exact match (greedy); bounds the cost of generation."""
     exact_match_samples: int = 200
-    """Most checkable held-out samples (a reference with a final `#### answer`) generated per method; 0 skips."""
+    """Most checkable held-out samples (see answer_check) generated per method; 0 skips."""
+    answer_check: str = "number"
+    """How a greedy answer is checked: `number`, a reference ending `#### <number>` (GSM8K) against the answer's
+    final number, other references not checkable; `text`, every reference, against the whole reply (case,
+    surrounding space and a final period aside), for short exact answers such as benchmarks/skills.py's mixes."""
     generation_batch_size: int = 8
     """Answers decoded together in one batch."""
     cosine_pairs: int = 2000
@@ -134,5 +142,6 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "evaluate.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.exact_match_samples >= 0, "evaluate.exact_match_samples", "must be >= 0")
+        _check_choice(self.answer_check, ANSWER_CHECKS, "evaluate.answer_check")
         _check(self.generation_batch_size >= 1, "evaluate.generation_batch_size", "must be >= 1")
         _check(self.cosine_pairs >= 1, "evaluate.cosine_pairs", f"must be >= 1, got {self.cosine_pairs}")

@@ -5,7 +5,7 @@ benchmarks/skills.py clusters them through the pipeline and scores the clusters 
 
 Each row is {"instruction", "output", "skill", "topic"}. The output is a short answer that
 depends only on the skill and the numbers/words in the instruction, so exact match can score
-it and clustering can be scored against `skill` (the truth) and `topic` (the distractor).
+it (`evaluate.answer_check=text`) and clustering can be scored against `skill` (the truth) and `topic` (the distractor).
 
 Families (`FAMILIES`, true K in parentheses):
 
@@ -250,11 +250,6 @@ FAMILIES: dict[str, tuple[Callable[[int, int], list[Row]], int]] = {
 def make_family(name: str, per_skill: int = 60, seed: int = 0) -> list[Row]:
     """Rows of one family (shuffled, seeded)."""
     return FAMILIES[name][0](per_skill, seed)
-
-
-def check_answer(row: Row, prediction: str) -> bool:
-    """Exact match after stripping whitespace and a trailing period, case-insensitive."""
-    return prediction.strip().rstrip(".").strip().lower() == row["output"].strip().lower()
 
 
 def true_k(name: str) -> int:

@@ -3,7 +3,7 @@
 `train_single_lora` trains the
 one-LoRA baseline (its own stage) with the experts' total optimizer steps through the same
 loop. The evaluate stage (`gs-ray evaluate`) scores every held-out sample under each method (METHODS):
-loss per target token and, where the reference ends with `#### <number>`, exact match of
+loss per target token and, where the reference is checkable under evaluate.answer_check, exact match of
 a greedy answer, overall and per source label. Each comparison of routed GradientSpace with another
 method carries a paired bootstrap interval of the difference, so that a win by less than the held-out
 split can resolve reads as level rather than as a win. The clustering diagnostics (agreement with
@@ -28,7 +28,7 @@ from gs_ray.core.rundir import RunDir
 from gs_ray.data.batches import load_split
 from gs_ray.evaluation.baselines import BaselineRun
 from gs_ray.evaluation.diagnostics import clustering_diagnostics
-from gs_ray.evaluation.exact_match import is_correct, reference_answer
+from gs_ray.evaluation.exact_match import is_checkable, is_correct
 from gs_ray.evaluation.scoring import BASE, Route, score_methods
 from gs_ray.stages.experts import expert_init_adapter
 from gs_ray.train.loop import SUMMARY_KEYS, TrainJob, run_training
@@ -120,10 +120,9 @@ def _per_source(rows: list[dict], values: list[float], weights: list[float]) -> 
     return {key: value / weight for key, (value, weight) in sorted(totals.items()) if weight > 0}
 
 
-def _correct(rows: list[dict], answers: dict[int, str]) -> dict[int, float]:
-    """{row index: 1.0 or 0.0} for every answered row: whether the answer's number matches the reference's."""
-
-    return {i: float(is_correct(answer, rows[i]["response"])) for i, answer in answers.items()}
+def _correct(rows: list[dict], answers: dict[int, str], rule: str) -> dict[int, float]:
+    """{row index: 1.0 or 0.0} for every answered row: whether the answer matches the reference under `rule`."""
+    return {i: float(is_correct(answer, rows[i]["response"], rule)) for i, answer in answers.items()}
 
 
 def method_metrics(rows: list[dict], scored: dict[str, Any], correct: dict[int, float],
@@ -137,16 +136,14 @@ def method_metrics(rows: list[dict], scored: dict[str, Any], correct: dict[int, 
             "exact_match_per_source": exact, "exact_match_samples": dict(sorted(samples.items()))}
 
 
-def checkable_rows(rows: list[dict], limit: int) -> list[int]:
-    """Indices of up to `limit` held-out rows whose reference ends with a checkable `#### number`."""
-
-    return [i for i, row in enumerate(rows) if reference_answer(row["response"]) is not None][:limit]
+def checkable_rows(rows: list[dict], limit: int, rule: str) -> list[int]:
+    """Indices of up to `limit` held-out rows whose reference is checkable under `rule`."""
+    return [i for i, row in enumerate(rows) if is_checkable(row["response"], rule)][:limit]
 
 
 def evaluate_run(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     """Every method on the held-out split, the clustering diagnostics; write evaluation.json and answers.jsonl."""
     import ray
-
 
     rows = load_split(str(run.stage_dir("data") / "eval"))
     if not rows:
@@ -158,11 +155,11 @@ def evaluate_run(cfg: Config, run: RunDir, staging: Path) -> dict[str, Any]:
     adapters = {SINGLE_LORA: str(run.stage_dir("single_lora") / layout.ADAPTER_DIRNAME)}
     for found in routings.values():
         adapters |= found["adapters"]
-    generate = checkable_rows(rows, cfg.evaluate.exact_match_samples)
+    generate = checkable_rows(rows, cfg.evaluate.exact_match_samples, cfg.evaluate.answer_check)
     resources = {"num_cpus": cfg.train.cpus_per_worker, "num_gpus": 1 if cfg.train.use_gpu else 0}
     scored = ray.get(ray.remote(score_methods).options(**resources).remote(
         cfg, adapters, rows, method_routes(rows, routings), generate))
-    correct = {method: _correct(rows, found["answers"]) for method, found in scored.items()}
+    correct = {method: _correct(rows, found["answers"], cfg.evaluate.answer_check) for method, found in scored.items()}
     _write_answers(staging / ANSWERS_FILE, rows, scored, correct, generate)
     methods = {method: method_metrics(rows, scored[method], correct[method], generate) for method in METHODS}
     summary = {

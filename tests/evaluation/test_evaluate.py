@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gs_ray.config import load_config
+from gs_ray.core.errors import ConfigError
 from gs_ray.core.rundir import RunDir
 from gs_ray.evaluation.analysis import (
     BLOCK_GRAM_PREFIX,
@@ -26,8 +27,8 @@ from gs_ray.evaluation.analysis import (
 )
 from gs_ray.evaluation.baselines import BASELINE_METHODS, BaselineRun, spherical_kmeans
 from gs_ray.evaluation.diagnostics import component_shares, cosine_pairs, nearest_neighbour_agreement, pair_summary
-from gs_ray.evaluation.evaluate import CONFIDENCE, METHODS, comparisons, paired_interval, routed_loses_to
-from gs_ray.evaluation.exact_match import is_correct, predicted_answer, reference_answer
+from gs_ray.evaluation.evaluate import CONFIDENCE, METHODS, checkable_rows, comparisons, paired_interval, routed_loses_to
+from gs_ray.evaluation.exact_match import is_checkable, is_correct, predicted_answer, reference_answer
 from gs_ray.evaluation.report.markdown import render, shortfalls
 from gs_ray.evaluation.scoring import Route, answers_by_method, mixed_token_losses
 
@@ -58,6 +59,26 @@ def test_exact_match_compares_values_and_needs_a_checkable_reference():
     assert reference_answer("def f(): return 42") is None  # MBPP-style: not checkable
     assert not is_correct("42", "def f(): return 42")
     assert predicted_answer("#### 12 apples") == predicted_answer("12")
+
+
+@pytest.mark.parametrize("generated, reference, correct", [
+    ("42", "42", True), (" Even.\n", "even", True), ("ODD", "odd", True), ("rekcor", "rekcor", True),
+    ("42 apples", "42", False),          # the whole reply counts, not its last number
+    ("The answer is 42", "42", False),
+    ("#### 42", "42", False),
+    ("", "odd", False),
+])
+def test_text_exact_match_compares_whole_replies(generated, reference, correct):
+    assert is_correct(generated, reference, "text") is correct
+
+
+def test_text_rule_makes_every_reference_checkable():
+    references = ["def f(): return 42", "odd", "So 42.\n#### 42"]
+    assert [is_checkable(r, "text") for r in references] == [True, True, True]
+    assert [is_checkable(r, "number") for r in references] == [False, False, True]
+    assert checkable_rows([{"response": r} for r in references], 2, "text") == [0, 1]
+    with pytest.raises(ConfigError, match="evaluate.answer_check"):
+        load_config("tiny", ["evaluate.answer_check=words"])
 
 
 def test_rademacher_projection_is_seeded_deterministic_and_preserves_norms():

@@ -170,6 +170,13 @@ def _structure_lines(structure: dict[str, Any] | None) -> list[str]:
             "separable locally but not by centroids.", ""]
 
 
+CHECK_RULES = {
+    "number": "reference ends with `#### number`; MBPP code is not executed (no sandbox), so MBPP has loss only",
+    "text": "the whole reply against the reference",
+}
+"""What the report says each evaluate.answer_check rule scores."""
+
+
 def render(cfg: Config, evaluation: dict[str, Any], plots: list[str]) -> str:
     """The report's Markdown text."""
     pairs = evaluation["diagnostics"]["cosine_pairs"]
@@ -178,8 +185,8 @@ def render(cfg: Config, evaluation: dict[str, Any], plots: list[str]) -> str:
         "# GradientSpace evaluation", "",
         f"Model `{cfg.model.name}`, LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}; "
         f"{evaluation['eval_samples']} held-out samples ({', '.join(evaluation['sources'])}); exact match on "
-        f"{evaluation['exact_match_samples']} checkable samples (reference ends with `#### number`), greedy, at most "
-        f"{cfg.evaluate.max_new_tokens} new tokens. MBPP code is not executed (no sandbox), so MBPP has loss only.",
+        f"{evaluation['exact_match_samples']} checkable samples ({CHECK_RULES[cfg.evaluate.answer_check]}), greedy, "
+        f"at most {cfg.evaluate.max_new_tokens} new tokens.",
         f"Optimizer steps: {json.dumps(evaluation['training_steps'])} (the one LoRA gets the experts' total).", "",
         "## Methods on held-out data", "", methods_table(evaluation), "",
         "base: no adapter. single_lora: one LoRA on the whole training split. embedding / random_projection: experts "
