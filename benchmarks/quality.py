@@ -52,7 +52,7 @@ import ray
 
 from gs_ray.config import load_config
 from gs_ray.data.mixes import HELD_OUT_FILE, SEED, build_held_out, build_mix, write_mix
-from gs_ray.data.planted import FAMILIES, make_family, true_k
+from gs_ray.data.planted import FAMILIES, make_family
 from gs_ray.evaluation.evaluate import routed_loses_to
 from gs_ray.evaluation.stages import run_evaluation
 
@@ -130,13 +130,13 @@ def planted_overrides(family: str, per_skill: int, seed: int, run_dir: Path) -> 
 
     A generator may draw the same row twice (a short list of numbers or words): the copy is dropped, so
     that no held-out row is also a training row."""
+    drawn = make_family(family, per_skill, seed)
     rows = {(row["instruction"], row["output"]): {"instruction": row["instruction"], "output": row["output"],
-                                                  "domain": row["skill"], "topic": row["topic"]}
-            for row in make_family(family, per_skill, seed)}
+                                                  "domain": row["skill"], "topic": row["topic"]} for row in drawn}
     mix_path = write_mix(run_dir, list(rows.values()), f"{family}_mix.jsonl")
     emit({"figure": "mix", "family": family, "per_skill": per_skill, "seed": seed, "path": str(mix_path),
           "rows": dict(Counter(row["domain"] for row in rows.values())), "total": len(rows),
-          "duplicates_dropped": per_skill * true_k(family) - len(rows)})
+          "duplicates_dropped": len(drawn) - len(rows)})
     return [f"data.paths=[{mix_path}]", *SPLIT_OVERRIDES, *PLANTED_OVERRIDES]
 
 

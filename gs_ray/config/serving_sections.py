@@ -133,7 +133,8 @@ class EvaluateConfig:
     answer_check: str = "number"
     """How a greedy answer is checked: `number`, a reference ending `#### <number>` (GSM8K) against the answer's
     final number, other references not checkable; `text`, every reference, against the whole reply (case,
-    surrounding space and a final period aside), for short exact answers such as benchmarks/skills.py's mixes."""
+    surrounding space and a final period aside), for short exact answers such as the planted-skill mixes
+    (benchmarks/quality.py --mix FAMILY)."""
     generation_batch_size: int = 8
     """Answers decoded together in one batch."""
     cosine_pairs: int = 2000

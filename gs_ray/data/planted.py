@@ -5,7 +5,8 @@ benchmarks/skills.py clusters them through the pipeline and scores the clusters 
 
 Each row is {"instruction", "output", "skill", "topic"}. The output is a short answer that
 depends only on the skill and the numbers/words in the instruction, so exact match can score
-it (`evaluate.answer_check=text`) and clustering can be scored against `skill` (the truth) and `topic` (the distractor).
+it (`evaluate.answer_check=text`) and clustering can be scored against `skill` (the truth) and
+`topic` (the distractor).
 
 Families (`FAMILIES`, true K in parentheses):
 

@@ -1,10 +1,10 @@
 """Exact match where an answer can be checked without running anything, by one of two rules.
 
-`number` (evaluate.answer_check's default): GSM8K references end with `#### <number>`. A held-out
-sample is *checkable* when its reference has such a line. A generated answer's number is the one after its last `####`
-when it wrote one (the format the experts learn), otherwise the last number in the text
-(what a model that never saw the format would end with); numbers compare by value, so
-`1,000`, `1000.0` and `$1000` match `1000`.
+`number` (evaluate.answer_check's default): GSM8K references end with `#### <number>`. A
+held-out sample is *checkable* when its reference has such a line. A generated answer's
+number is the one after its last `####` when it wrote one (the format the experts learn),
+otherwise the last number in the text (what a model that never saw the format would end
+with); numbers compare by value, so `1,000`, `1000.0` and `$1000` match `1000`.
 
 MBPP code is not executed: running model-written code safely needs a sandbox (no network,
 no filesystem, killed on a time limit) that gs_ray does not ship, so MBPP samples have
