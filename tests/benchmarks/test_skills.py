@@ -44,3 +44,16 @@ def test_skills_quick_scores_every_method_against_skill_and_topic(ray_start_4_cp
     assert summary["figure"] == "summary" and summary["sets"] == len(families)
     assert set(summary["k_hits_per_rule"]) == {"gap", "silhouette", "eigengap", "prediction_strength"}
     assert set(FAMILIES) >= set(families)
+    _check_offline_tools_read_the_saved_features(tmp_path, [f"{family}-s0" for family in families])
+
+
+def _check_offline_tools_read_the_saved_features(run_root, set_names: list[str]) -> None:
+    """k_rules.py and online_pass.py run on the folders skills.py left, with no Ray and no gradients."""
+    for script, extra in (("k_rules.py", []), ("online_pass.py", ["--val-fractions", "0.5", "--repeats", "2"])):
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--run-root", str(run_root), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [line["set"] for line in lines if "set" in line] == set_names
+        summary = [line for line in lines if line.get("summary")]
+        assert summary and all(s["sets"] == len(set_names) for s in summary)
