@@ -37,7 +37,7 @@ def online_minus_offline(rows: np.ndarray, skills: np.ndarray, k: int, fraction:
     """(streamed, reassigned) NMI vs skill minus offline k-means's, on the stream half of one shuffle."""
     order = np.random.default_rng(seed).permutation(len(rows))
     val, stream = order[: int(len(rows) * fraction)], order[len(rows) // 2 :]
-    offline = k_rules.spherical_labels(k_rules.unit_rows(rows[stream]), k, seed)
+    offline = k_rules.spherical_labels(rows[stream], k, seed)  # it takes unit rows itself
     clusterer = OnlineSVDClusterer(ClusterConfig(k=k, cache_size=cache_size, center=False), seed=seed)
     clusterer.fit_validation(rows[val])
     for _ in range(passes):
@@ -59,6 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     if not all(0 < f <= 0.5 for f in args.val_fractions):
         raise SystemExit(f"online_pass: --val-fractions must lie in (0, 0.5], got {args.val_fractions}")
+    if min(args.passes) < 1:
+        raise SystemExit(f"online_pass: --passes must be >= 1, got {args.passes}")
     found = sorted(args.run_root.glob(f"*/{FEATURES_FILE}"))
     if not found:
         raise SystemExit(f"online_pass: no {FEATURES_FILE} under {args.run_root}; run benchmarks/skills.py first")
